@@ -19,6 +19,10 @@ import torch.nn.functional as F
 
 # Depths / denominators below this are treated as zero (behind the camera, degenerate scale).
 DEPTH_EPS = 1e-6
+# depth_consistency_residual only trusts samples between pixel centres: in the outer half-pixel
+# ring sample_at repeats the border value, which is not the depth there (a biased residual).
+# 1e-3 below 0.5 so that round-off does not drop border pixel centres that map onto themselves.
+CONSISTENCY_VIEW_MARGIN = 0.5 - 1e-3
 # Largest translation norms below this count as "no translation" in normalize_translation.
 TRANSLATION_EPS = 1e-8
 # SLERP falls back to normalised lerp when the quaternions are this close (|cos| above it):
@@ -375,10 +379,11 @@ def project_depth(depth, K, T):
     return project_points(points_b, K)
 
 
-def in_view(uv, H, W):
-    """Bool mask (...) of pixel coordinates uv (..., 2) inside the image rectangle [0, W] x [0, H]."""
+def in_view(uv, H, W, margin=0.0):
+    """Bool mask (...) of pixel coordinates uv (..., 2) inside [margin, W - margin] x [margin, H - margin].
+    margin=0 is the image rectangle; margin=0.5 is the span of the pixel centres."""
     u, v = uv[..., 0], uv[..., 1]
-    return (u >= 0) & (u <= W) & (v >= 0) & (v <= H)
+    return (u >= margin) & (u <= W - margin) & (v >= margin) & (v <= H - margin)
 
 
 def sample_at(image, uv):
@@ -437,7 +442,7 @@ def depth_consistency_residual(depth_a, depth_b, K, T_a_to_b, scale_invariant=No
     Why: a monocular teacher's depth and translation share one unknown global scale; z carries
     the scale of D_A and t, while D_B may drift in scale per frame. Aligning D_B' to z removes that
     drift, and dividing by median(z) makes r invariant to the global scale (D_A, D_B, t all * c).
-    valid = B-pixel inside B's image & z > DEPTH_EPS & D_A, D_B' > DEPTH_EPS & all finite.
+    valid = uv within B's pixel centres (CONSISTENCY_VIEW_MARGIN) & z > DEPTH_EPS & D_A, D_B' > DEPTH_EPS & all finite.
     s and median(z) are computed over valid pixels per batch element, gradients flow through both.
     Inputs: depth_a, depth_b (B, H, W), K (B, 3, 3), T_a_to_b (B, 4, 4) (A camera -> B camera);
     more leading dims are fine (K, T broadcast to them).
@@ -461,7 +466,7 @@ def depth_consistency_residual(depth_a, depth_b, K, T_a_to_b, scale_invariant=No
     depth_a, depth_b = depth_a.reshape(-1, H, W), depth_b.reshape(-1, H, W)
     uv, z = project_depth(depth_a, K, T_a_to_b)  # (B, H, W, 2), (B, H, W)
     sampled_b = sample_at(depth_b[:, None], uv)[:, 0]  # (B, H, W)
-    valid = (in_view(uv, H, W) & (z > DEPTH_EPS) & (depth_a > DEPTH_EPS) & (sampled_b > DEPTH_EPS)
+    valid = (in_view(uv, H, W, CONSISTENCY_VIEW_MARGIN) & (z > DEPTH_EPS) & (depth_a > DEPTH_EPS) & (sampled_b > DEPTH_EPS)
              & torch.isfinite(z) & torch.isfinite(sampled_b) & torch.isfinite(uv).all(dim=-1))
     if scale_invariant is None:
         residual = (sampled_b - z).abs()
