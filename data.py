@@ -131,13 +131,15 @@ class Scene:
     objects: list = field(default_factory=list)
 
     def prompt(self):
-        names = []
-        for obj in self.objects:
-            noun = {"box": "box", "ball": "ball", "cylinder": "cylinder"}[obj.kind]
-            names.append(f"{obj.material.pattern} {obj.material.colour_name} {noun}")
-        listed = ", ".join(f"a {n}" for n in names[:-1]) + f" and a {names[-1]}" if len(names) > 1 else f"a {names[0]}"
-        return (f"a room with {self.walls.pattern} {self.walls.colour_name} walls and a "
-                f"{self.floor.pattern} {self.floor.colour_name} floor, with {listed}")
+        """The scene in words, from its actual attributes, e.g. "a room with striped red walls and a
+        mottled grey floor, with a checkered blue box and a striped yellow ball"."""
+        room = (f"a room with {self.walls.pattern} {self.walls.colour_name} walls and a "
+                f"{self.floor.pattern} {self.floor.colour_name} floor")
+        things = [f"a {o.material.pattern} {o.material.colour_name} {o.kind}" for o in self.objects]
+        if not things:
+            return room
+        listed = things[0] if len(things) == 1 else ", ".join(things[:-1]) + " and " + things[-1]
+        return f"{room}, with {listed}"
 
 
 def yaw_rotation(yaw):
@@ -558,3 +560,167 @@ class SyntheticClips(torch.utils.data.Dataset):
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} clips")
         return render_clip(self.first_seed + index, self.num_frames, self.height, self.width)
+
+
+# ----------------------------------------------------------------------------------------------
+# RealEstate10K format. The dataset ships camera files only (frames come from YouTube), one per
+# clip: a URL line, then per frame
+#     timestamp fx fy cx cy 0 0 r11 r12 r13 t1 r21 r22 r23 t2 r31 r32 r33 t3
+# with fx, cx divided by the image width, fy, cy by the height, and [R | t] the 3x4 w2c row-major.
+# The frame layout on disk is ours to choose; we use
+#     folder/name.txt            the camera file
+#     folder/name/00000.png ...  frame i of the camera file (i counts lines, not timestamps)
+#     folder/name/prompt.txt     optional text prompt
+
+RE10K_NUMBERS_PER_LINE = 19
+ROTATION_TOLERANCE = 1e-3  # |R R^T - I| allowed in a file: they are printed to ~6-9 digits
+SYNTHETIC_FPS = 30  # timestamps (microseconds) written for clips that carry none
+
+
+def read_re10k_cameras(path):
+    """Parse a RealEstate10K camera file.
+
+    Returns dict(url str, timestamps (F,) int64, intrinsics_normalised (F, 4) float32 [fx, fy, cx, cy]
+    divided by width / height, w2c (F, 4, 4) float32). K_normalised is the same tensor under the
+    name CONTRACT.md uses. Malformed files raise ValueError naming the file and line.
+    """
+    with open(path) as f:
+        lines = f.read().splitlines()
+    if not lines or not lines[0].strip():
+        raise ValueError(f"{path}: empty camera file (expected a URL line, then one line per frame)")
+    timestamps, intrinsics, w2c = [], [], []
+    for line_number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split()
+        if len(fields) != RE10K_NUMBERS_PER_LINE:
+            raise ValueError(f"{path}, line {line_number}: expected {RE10K_NUMBERS_PER_LINE} numbers, got {len(fields)}")
+        try:
+            timestamp, values = int(fields[0]), [float(x) for x in fields[1:]]
+        except ValueError:
+            raise ValueError(f"{path}, line {line_number}: not a number in {line.strip()!r}") from None
+        pose = np.eye(4)
+        pose[:3, :] = np.array(values[6:]).reshape(3, 4)
+        rotation = pose[:3, :3]
+        if (not np.all(np.isfinite(values)) or np.abs(rotation @ rotation.T - np.eye(3)).max() > ROTATION_TOLERANCE
+                or np.linalg.det(rotation) < 0):
+            raise ValueError(f"{path}, line {line_number}: r11..r33 is not a rotation matrix")
+        timestamps.append(timestamp)
+        intrinsics.append(values[:4])
+        w2c.append(pose)
+    if not timestamps:
+        raise ValueError(f"{path}: no camera lines after the URL line")
+    intrinsics = torch.tensor(intrinsics, dtype=torch.float32)
+    return dict(url=lines[0].strip(), timestamps=torch.tensor(timestamps, dtype=torch.int64),
+                intrinsics_normalised=intrinsics, K_normalised=intrinsics,
+                w2c=torch.tensor(np.stack(w2c), dtype=torch.float32))
+
+
+def write_re10k_clip(clip, folder, name, url=None):
+    """Write a clip dict (render_clip's) as folder/name.txt + folder/name/00000.png ... (+ prompt.txt).
+
+    Intrinsics are normalised by the frame size; timestamps are clip["timestamps"] if present, else
+    frame i at i / SYNTHETIC_FPS seconds, in microseconds as in RealEstate10K.
+    """
+    video, w2c, K = clip["video"], clip["w2c"], clip["K"]
+    num_frames, _, height, width = video.shape
+    timestamps = clip.get("timestamps", [round(i * 1e6 / SYNTHETIC_FPS) for i in range(num_frames)])
+    intrinsics = [float(K[0, 0]) / width, float(K[1, 1]) / height, float(K[0, 2]) / width, float(K[1, 2]) / height]
+    os.makedirs(os.path.join(folder, name), exist_ok=True)
+    lines = [url or f"camgeo-synthetic://{name}"]
+    for i in range(num_frames):
+        pose = [float(x) for x in w2c[i, :3, :].reshape(-1)]
+        # %.9g round-trips float32 exactly.
+        lines.append(" ".join([str(int(timestamps[i]))] + [f"{x:.9g}" for x in intrinsics + [0.0, 0.0] + pose]))
+    with open(os.path.join(folder, f"{name}.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    frames = (video.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (F, H, W, 3)
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(os.path.join(folder, name, f"{i:05d}.png"))
+    if clip.get("prompt"):
+        with open(os.path.join(folder, name, "prompt.txt"), "w") as f:
+            f.write(clip["prompt"] + "\n")
+
+
+class RE10KClips(torch.utils.data.Dataset):
+    """RealEstate10K-format clips in a folder (layout above), as render_clip-style dicts.
+
+    Item = the first num_frames frames (every frame_stride-th) of one clip, resized to height x
+    width, K scaled to that size from the normalised intrinsics of the first frame. There is no
+    depth: the "depth" key is absent. prompt is name/prompt.txt if present, else "".
+    """
+
+    def __init__(self, folder, num_frames=8, height=32, width=32, frame_stride=1):
+        if not os.path.isdir(folder):
+            raise ValueError(f"RE10K folder {folder!r} does not exist")
+        self.folder, self.num_frames, self.height, self.width, self.frame_stride = folder, num_frames, height, width, frame_stride
+        self.names = sorted(f[:-4] for f in os.listdir(folder)
+                            if f.endswith(".txt") and os.path.isdir(os.path.join(folder, f[:-4])))
+        if not self.names:
+            raise ValueError(f"RE10K folder {folder!r} has no name.txt camera file with a name/ frame folder")
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, index):
+        name = self.names[index]
+        cameras = read_re10k_cameras(os.path.join(self.folder, f"{name}.txt"))
+        frame_ids = list(range(0, self.num_frames * self.frame_stride, self.frame_stride))
+        if frame_ids[-1] >= len(cameras["w2c"]):
+            raise ValueError(f"clip {name!r} has {len(cameras['w2c'])} frames, need {frame_ids[-1] + 1}")
+        frames = []
+        for i in frame_ids:
+            frame_path = os.path.join(self.folder, name, f"{i:05d}.png")
+            if not os.path.exists(frame_path):
+                raise ValueError(f"missing frame {frame_path}")
+            image = Image.open(frame_path).convert("RGB").resize((self.width, self.height), Image.BILINEAR)
+            frames.append(torch.from_numpy(np.asarray(image).copy()))
+        video = torch.stack(frames).permute(0, 3, 1, 2).float() / 255  # (F, 3, H, W)
+        fx, fy, cx, cy = cameras["intrinsics_normalised"][0].tolist()
+        K = torch.tensor([[fx * self.width, 0, cx * self.width], [0, fy * self.height, cy * self.height], [0, 0, 1]],
+                         dtype=torch.float32)
+        prompt_path = os.path.join(self.folder, name, "prompt.txt")
+        prompt = open(prompt_path).read().strip() if os.path.exists(prompt_path) else ""
+        return dict(video=video, w2c=cameras["w2c"][frame_ids], K=K, prompt=prompt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: look at a clip, or measure the renderer.
+
+
+def save_gif(video, path, frame_ms=100):
+    frames = (video.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
+
+
+def bench():
+    torch.set_num_threads(1)
+    print("render_clip on one CPU thread (scene + path + RGB + depth)")
+    for num_frames, size in ((8, 32), (16, 32), (16, 64), (16, 128)):
+        render_clip(0, num_frames, size, size)  # warm-up
+        start, count = time.perf_counter(), 0
+        while time.perf_counter() - start < 2.0:
+            render_clip(count, num_frames, size, size)
+            count += 1
+        elapsed = (time.perf_counter() - start) / count
+        print(f"  {num_frames:2d} frames {size:3d}x{size:<3d}: {1 / elapsed:7.1f} clips/s  ({1000 * elapsed:6.1f} ms/clip)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--gif", help="render a clip to this animated GIF and print its prompt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--size", type=int, default=64, help="height and width in pixels")
+    parser.add_argument("--supersample", type=int, default=1, choices=SUPERSAMPLE_FACTORS, help="RGB anti-aliasing")
+    parser.add_argument("--bench", action="store_true", help="print clips/s for a few sizes on one thread")
+    args = parser.parse_args()
+    if not args.gif and not args.bench:
+        parser.error("give --gif PATH and/or --bench")
+    if args.gif:
+        clip = render_clip(args.seed, args.frames, args.size, args.size, supersample=args.supersample)
+        save_gif(clip["video"], args.gif)
+        print(clip["prompt"])
+    if args.bench:
+        bench()
