@@ -12,8 +12,6 @@ has its centre at (u, v) = (j + 0.5, i + 0.5); K is in pixels of the image it de
 z along the optical axis. Every function is batched over leading dims, works in float32 and
 float64 and is differentiable (except where a docstring says otherwise). No nn.Modules, no I/O.
 """
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -135,7 +133,8 @@ def extri_intri_to_pose_encoding(extrinsics, intrinsics, image_size_hw):
     (VGGT assumes the image centre). Unlike VGGT we keep the input dtype (no cast to float32).
     """
     if not torch.is_tensor(extrinsics) or extrinsics.shape[-2:] not in ((3, 4), (4, 4)):
-        raise ValueError(f"extrinsics must have shape (..., 3, 4) or (..., 4, 4), got {tuple(extrinsics.shape)}")
+        raise ValueError(f"extrinsics must have shape (..., 3, 4) or (..., 4, 4), "
+                         f"got {tuple(getattr(extrinsics, 'shape', ()))}")
     _check_last_dims("intrinsics", intrinsics, (3, 3))
     H, W = _image_size(image_size_hw)
     R = extrinsics[..., :3, :3]
