@@ -21,6 +21,8 @@ DEPTH_EPS = 1e-6
 # ring sample_at repeats the border value, which is not the depth there (a biased residual).
 # 1e-3 below 0.5 so that round-off does not drop border pixel centres that map onto themselves.
 CONSISTENCY_VIEW_MARGIN = 0.5 - 1e-3
+# Guards divisions by vector norms (quaternions, rays) against exactly-zero input.
+NORM_EPS = 1e-12
 # Largest translation norms below this count as "no translation" in normalize_translation.
 TRANSLATION_EPS = 1e-8
 # SLERP falls back to normalised lerp when the quaternions are this close (|cos| above it):
@@ -65,7 +67,8 @@ def mat_to_quat(R):
     Shepperd's method: of 4x^2 = 1 + R00 - R11 - R22, 4y^2, 4z^2, 4w^2 = 1 + tr(R), take the
     largest (so we never divide by a component near zero: robust at 180 degrees where w = 0) and
     read the other three off the off-diagonal sums / differences, e.g. 4xy = R01 + R10.
-    At exactly 180 degrees (w = 0) the largest of |x|, |y|, |z| comes out positive.
+    At exactly 180 degrees q and -q both have w = 0; which one comes out depends on round-off.
+    Gradients are finite everywhere (unselected branches never divide by ~0 or take sqrt of <= 0).
     """
     _check_last_dims("R", R, (3, 3))
     m00, m01, m02 = R[..., 0, 0], R[..., 0, 1], R[..., 0, 2]
@@ -92,7 +95,7 @@ def mat_to_quat(R):
     index = best[..., None, None].expand(*best.shape, 1, 4)
     q = torch.gather(candidates, -2, index).squeeze(-2)  # (..., 4)
     # Only matters when R is not exactly orthonormal (noisy predictions, finite differences).
-    q = q / q.norm(dim=-1, keepdim=True).clamp(min=DEPTH_EPS)
+    q = q / q.norm(dim=-1, keepdim=True).clamp(min=NORM_EPS)
     return standardize_quat(q)
 
 
@@ -103,7 +106,7 @@ def quat_to_mat(q):
          [2(xz-yw), 2(yz+xw), 1-2(x^2+y^2)]].
     """
     _check_last_dims("q", q, (4,))
-    q = q / q.norm(dim=-1, keepdim=True).clamp(min=DEPTH_EPS)
+    q = q / q.norm(dim=-1, keepdim=True).clamp(min=NORM_EPS)
     x, y, z, w = q.unbind(-1)
     rows = [
         1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
@@ -428,7 +431,8 @@ def align_depth_scale(pred, target, valid, mode="median"):
         denominator = torch.where(valid, pred * pred, zero).flatten(-2).sum(-1)
     ok = any_valid & (denominator.abs() > DEPTH_EPS)
     one = torch.ones_like(denominator)
-    return torch.where(ok, numerator / torch.where(ok, denominator, one), one)
+    # Both sides guarded, so a NaN median of an empty set stays out of the result and its gradient.
+    return torch.where(ok, torch.where(ok, numerator, one) / torch.where(ok, denominator, one), one)
 
 
 def depth_consistency_residual(depth_a, depth_b, K, T_a_to_b, scale_invariant=None):
@@ -441,7 +445,8 @@ def depth_consistency_residual(depth_a, depth_b, K, T_a_to_b, scale_invariant=No
     Why: a monocular teacher's depth and translation share one unknown global scale; z carries
     the scale of D_A and t, while D_B may drift in scale per frame. Aligning D_B' to z removes that
     drift, and dividing by median(z) makes r invariant to the global scale (D_A, D_B, t all * c).
-    valid = uv within B's pixel centres (CONSISTENCY_VIEW_MARGIN) & z > DEPTH_EPS & D_A, D_B' > DEPTH_EPS & all finite.
+    valid = uv within B's pixel centres (CONSISTENCY_VIEW_MARGIN) & z > DEPTH_EPS
+            & D_A, D_B' > DEPTH_EPS & all finite.
     s and median(z) are computed over valid pixels per batch element, gradients flow through both.
     Inputs: depth_a, depth_b (B, H, W), K (B, 3, 3), T_a_to_b (B, 4, 4) (A camera -> B camera);
     more leading dims are fine (K, T broadcast to them).
@@ -465,14 +470,16 @@ def depth_consistency_residual(depth_a, depth_b, K, T_a_to_b, scale_invariant=No
     depth_a, depth_b = depth_a.reshape(-1, H, W), depth_b.reshape(-1, H, W)
     uv, z = project_depth(depth_a, K, T_a_to_b)  # (B, H, W, 2), (B, H, W)
     sampled_b = sample_at(depth_b[:, None], uv)[:, 0]  # (B, H, W)
-    valid = (in_view(uv, H, W, CONSISTENCY_VIEW_MARGIN) & (z > DEPTH_EPS) & (depth_a > DEPTH_EPS) & (sampled_b > DEPTH_EPS)
-             & torch.isfinite(z) & torch.isfinite(sampled_b) & torch.isfinite(uv).all(dim=-1))
+    valid = (in_view(uv, H, W, CONSISTENCY_VIEW_MARGIN) & (z > DEPTH_EPS) & (depth_a > DEPTH_EPS)
+             & (sampled_b > DEPTH_EPS) & torch.isfinite(z) & torch.isfinite(sampled_b)
+             & torch.isfinite(uv).all(dim=-1))
     if scale_invariant is None:
         residual = (sampled_b - z).abs()
     else:
         scale = align_depth_scale(sampled_b, z, valid, scale_invariant)  # (B,)
         z_median = _masked_median(z, valid)
-        z_median = torch.where(torch.isfinite(z_median) & (z_median > DEPTH_EPS), z_median, torch.ones_like(z_median))
+        usable = torch.isfinite(z_median) & (z_median > DEPTH_EPS)  # False when no pixel is valid
+        z_median = torch.where(usable, z_median, torch.ones_like(z_median))
         residual = (scale[:, None, None] * sampled_b - z).abs() / z_median[:, None, None]
     residual = torch.where(valid, residual, torch.zeros_like(residual))
     return residual.reshape(*lead, H, W), valid.reshape(*lead, H, W)
