@@ -452,6 +452,17 @@ def test_unproject_depth_keeps_depth_as_z_and_hits_the_ray():
     torch.testing.assert_close(points[0, 3, 10, :2], torch.stack([2.5 / 14 * z, -2.5 / 13 * z]))
 
 
+def test_project_depth_handles_batch_and_frame_dims():
+    depth = random_depth(seed=50, shape=(2, 3, H, W))
+    K = K_TEST[None].expand(2, 3, 3, 3)
+    T = torch.stack([small_motion(seed=s)[0] for s in range(6)]).reshape(2, 3, 4, 4)
+    uv, z = g.project_depth(depth, K, T)
+    assert uv.shape == (2, 3, H, W, 2) and z.shape == (2, 3, H, W)
+    uv_single, z_single = g.project_depth(depth[1, 2][None], K_TEST, T[1, 2][None])
+    torch.testing.assert_close(uv[1, 2], uv_single[0])
+    torch.testing.assert_close(z[1, 2], z_single[0])
+
+
 def test_project_depth_passes_gradcheck():
     # Small motion at depth 2-4: every point stays well in front of camera B (z > 1), away from
     # the z <= eps guard, so the map is smooth in depth, K and T.
