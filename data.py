@@ -14,7 +14,7 @@ the ceiling y = -H/2. So a camera whose w2c rotation is the identity is upright 
 positive pitch looks down.
 
 Time. A camera path is a function of continuous time s in [0, 1]; frame i of an F-frame clip is
-s = i / (F - 1). num_frames therefore changes only how densely the same path is sampled, and
+s = i / (F - 1) (a one-frame clip is s = 0). num_frames therefore changes only how densely the same path is sampled, and
 height / width change only the pixel grid: the same seed gives the same scene, path and field
 of view at any clip length and resolution.
 
@@ -148,8 +148,17 @@ def yaw_rotation(yaw):
     return np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
 
 
+def pick(rng, options):
+    # rng.choice would do, but it is slow on small lists and this runs for every clip.
+    return options[int(rng.integers(len(options)))]
+
+
+def random_signs(rng, count):
+    return np.where(rng.random(count) < 0.5, -1.0, 1.0)
+
+
 def sample_material(rng, period_range, colour_names):
-    colour_name = str(rng.choice(colour_names))
+    colour_name = pick(rng, colour_names)
     colour = np.array(COLOURS[colour_name])
     # Pair the named colour with a darker or lighter shade of itself so the name stays true.
     if colour_name == "white" or rng.random() < 0.5:
@@ -157,11 +166,11 @@ def sample_material(rng, period_range, colour_names):
     else:
         second = colour + 0.5 * (1.0 - colour)
     # Stripe axis with every component sizeable, so stripes show on every axis-aligned face.
-    axis = rng.uniform(0.4, 1.0, size=3) * rng.choice([-1.0, 1.0], size=3)
+    axis = rng.uniform(0.4, 1.0, size=3) * random_signs(rng, 3)
     axis = axis / np.linalg.norm(axis)
     as_torch = lambda a: torch.tensor(a, dtype=torch.float32)
     return Material(
-        colour_name=colour_name, pattern=str(rng.choice(PATTERNS)), colour=as_torch(colour),
+        colour_name=colour_name, pattern=pick(rng, PATTERNS), colour=as_torch(colour),
         second_colour=as_torch(second), period=float(rng.uniform(*period_range)), axis=as_torch(axis),
         phase=as_torch(rng.uniform(0, 2 * math.pi, size=3)),
         noise_table=as_torch(rng.random(NOISE_TABLE_SIZE ** 3)))
@@ -179,7 +188,7 @@ def sample_scene(rng):
     num_objects = int(rng.integers(NUM_OBJECTS_RANGE[0], NUM_OBJECTS_RANGE[1] + 1))
     object_colours = [c for c in all_colours if c not in (walls.colour_name, floor.colour_name)]
     for _ in range(num_objects):
-        kind = str(rng.choice(OBJECT_KINDS))
+        kind = pick(rng, OBJECT_KINDS)
         material = sample_material(rng, OBJECT_PERIOD_RANGE, object_colours)
         if kind == "box":
             half = rng.uniform([0.2, 0.2, 0.2], [0.6, 0.6, 0.6])
@@ -253,15 +262,15 @@ class CameraPath:
         else:
             centre = self.start + eased[:, None] * self.displacement
         centre = centre + shake[:3].T
+        zero, one = np.zeros_like(s), np.ones_like(s)
+        cy, sy, cp, sp, cr, sr = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch), np.cos(roll), np.sin(roll)
+        matrix = lambda rows: np.stack([np.stack(row, -1) for row in rows], -2)  # nested (T,) -> (T, 3, 3)
+        r_yaw = matrix([[cy, zero, sy], [zero, one, zero], [-sy, zero, cy]])
+        r_pitch = matrix([[one, zero, zero], [zero, cp, sp], [zero, -sp, cp]])  # +z -> (0, sin p, cos p): down
+        r_roll = matrix([[cr, -sr, zero], [sr, cr, zero], [zero, zero, one]])
         poses = np.tile(np.eye(4), (len(s), 1, 1))
-        for i in range(len(s)):
-            cy, sy, cp, sp, cr, sr = (math.cos(yaw[i]), math.sin(yaw[i]), math.cos(pitch[i]), math.sin(pitch[i]),
-                                      math.cos(roll[i]), math.sin(roll[i]))
-            r_yaw = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-            r_pitch = np.array([[1, 0, 0], [0, cp, sp], [0, -sp, cp]])  # takes +z to (0, sin p, cos p): down
-            r_roll = np.array([[cr, -sr, 0], [sr, cr, 0], [0, 0, 1]])
-            poses[i, :3, :3] = r_yaw @ r_pitch @ r_roll
-            poses[i, :3, 3] = centre[i]
+        poses[:, :3, :3] = r_yaw @ r_pitch @ r_roll
+        poses[:, :3, 3] = centre
         return poses
 
 
@@ -269,7 +278,7 @@ def sample_path(rng, scene):
     """One candidate path (not yet checked against the room and the objects)."""
     width, height, depth = scene.size
     eye_y = height / 2 - rng.uniform(EYE_HEIGHT_RANGE[0], min(EYE_HEIGHT_RANGE[1], height - ROOM_MARGIN - 0.2))
-    kind = str(rng.choice(PATH_KINDS))
+    kind = pick(rng, PATH_KINDS)
     deg = math.radians
     start = np.array([rng.uniform(-width / 2 + 0.6, width / 2 - 0.6), eye_y, rng.uniform(-depth / 2 + 0.6, depth / 2 - 0.6)])
     # Look towards the room centre or an object, give or take 20 degrees, so the view is of the room.
@@ -277,7 +286,7 @@ def sample_path(rng, scene):
     target = targets[int(rng.integers(len(targets)))]
     yaw0 = math.atan2(target[0] - start[0], target[2] - start[2]) + deg(rng.uniform(-20, 20))
     forward, right = np.array([math.sin(yaw0), 0, math.cos(yaw0)]), np.array([math.cos(yaw0), 0, -math.sin(yaw0)])
-    sign = rng.choice([-1.0, 1.0])
+    sign = float(random_signs(rng, 1)[0])
     displacement, yaw_change = np.zeros(3), 0.0
     orbit_centre, orbit_radius = np.zeros(3), 0.0
     if kind == "dolly":
@@ -289,7 +298,7 @@ def sample_path(rng, scene):
         displacement = sign * rng.uniform(0.5, 1.2) * right
     elif kind == "dolly_pan":
         displacement = sign * rng.uniform(0.4, 1.0) * forward
-        yaw_change = rng.choice([-1.0, 1.0]) * deg(rng.uniform(10, 30))
+        yaw_change = float(random_signs(rng, 1)[0]) * deg(rng.uniform(10, 30))
     elif kind == "truck_pan":  # slide sideways while turning back towards where we were looking
         displacement = sign * rng.uniform(0.5, 1.0) * right
         yaw_change = -sign * deg(rng.uniform(10, 25))
@@ -438,14 +447,11 @@ def value_noise(material, points):
     cell = torch.floor(grid)
     frac = grid - cell
     frac = frac * frac * (3 - 2 * frac)  # smoothstep: no visible lattice creases
-    cell = cell.long()
-    total = torch.zeros(len(points))
-    for corner in range(8):
-        offset = torch.tensor([(corner >> 2) & 1, (corner >> 1) & 1, corner & 1])
-        index = ((cell + offset) % n) * torch.tensor([n * n, n, 1])
-        weight = torch.where(offset.bool(), frac, 1 - frac).prod(-1)
-        total += weight * material.noise_table[index.sum(-1)]
-    return total
+    corners = torch.tensor([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(8)])  # (8, 3) cube corners
+    lattice = (cell.long()[:, None, :] + corners) % n  # (N, 8, 3)
+    values = material.noise_table[(lattice * torch.tensor([n * n, n, 1])).sum(-1)]  # (N, 8)
+    weights = torch.where(corners.bool(), frac[:, None, :], 1 - frac[:, None, :]).prod(-1)  # (N, 8) trilinear
+    return (weights * values).sum(-1)
 
 
 def texture(material, points, normals):
@@ -599,11 +605,12 @@ def read_re10k_cameras(path):
             timestamp, values = int(fields[0]), [float(x) for x in fields[1:]]
         except ValueError:
             raise ValueError(f"{path}, line {line_number}: not a number in {line.strip()!r}") from None
+        if not np.all(np.isfinite(values)):
+            raise ValueError(f"{path}, line {line_number}: non-finite number in {line.strip()!r}")
         pose = np.eye(4)
         pose[:3, :] = np.array(values[6:]).reshape(3, 4)
         rotation = pose[:3, :3]
-        if (not np.all(np.isfinite(values)) or np.abs(rotation @ rotation.T - np.eye(3)).max() > ROTATION_TOLERANCE
-                or np.linalg.det(rotation) < 0):
+        if np.abs(rotation @ rotation.T - np.eye(3)).max() > ROTATION_TOLERANCE or np.linalg.det(rotation) < 0:
             raise ValueError(f"{path}, line {line_number}: r11..r33 is not a rotation matrix")
         timestamps.append(timestamp)
         intrinsics.append(values[:4])
