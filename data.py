@@ -14,9 +14,9 @@ the ceiling y = -H/2. So a camera whose w2c rotation is the identity is upright 
 positive pitch looks down.
 
 Time. A camera path is a function of continuous time s in [0, 1]; frame i of an F-frame clip is
-s = i / (F - 1) (a one-frame clip is s = 0). num_frames therefore changes only how densely the same path is sampled, and
-height / width change only the pixel grid: the same seed gives the same scene, path and field
-of view at any clip length and resolution.
+s = i / (F - 1) (a one-frame clip is s = 0). num_frames therefore changes only how densely the
+same path is sampled, and height / width change only the pixel grid: the same seed gives the same
+scene, path and field of view at any clip length and resolution.
 
 Public API (see CONTRACT.md): render_clip, SyntheticClips, read_re10k_cameras, write_re10k_clip,
 RE10KClips. Lower-level pieces used by the tests: sample_world (scene + path without rendering),
@@ -57,7 +57,7 @@ PATTERNS = ("striped", "checkered", "mottled")
 # Texture periods in metres. Long enough that the pattern survives 32x32 pixels (a wall 3 m away
 # spans about 30 pixels there), short enough that motion and parallax are visible.
 ROOM_PERIOD_RANGE = (0.8, 1.4)
-OBJECT_PERIOD_RANGE = (0.3, 0.6)
+OBJECT_PERIOD_RANGE = (0.4, 0.8)  # objects are 0.3-1.2 m: one to three stripes or cells
 EDGE_SHARPNESS = 3.0  # tanh gain that turns a sine into a soft square wave: smooth, not aliased
 NOISE_TABLE_SIZE = 16  # lattice of the value noise (wraps around every 16 cells)
 
@@ -178,7 +178,8 @@ def sample_material(rng, period_range, colour_names):
 
 def sample_scene(rng):
     """A room and 2-5 non-overlapping objects standing on its floor."""
-    size = np.array([rng.uniform(*ROOM_WIDTH_RANGE), rng.uniform(*ROOM_HEIGHT_RANGE), rng.uniform(*ROOM_DEPTH_RANGE)])
+    size = np.array([rng.uniform(*ROOM_WIDTH_RANGE), rng.uniform(*ROOM_HEIGHT_RANGE),
+                     rng.uniform(*ROOM_DEPTH_RANGE)])  # W, H, D
     all_colours = list(COLOURS)
     walls = sample_material(rng, ROOM_PERIOD_RANGE, all_colours)
     floor = sample_material(rng, ROOM_PERIOD_RANGE, [c for c in all_colours if c != walls.colour_name])
@@ -203,9 +204,11 @@ def sample_scene(rng):
         if reach >= size[0] / 2 - 0.5 or reach >= size[2] / 2 - 0.5:
             continue
         for _ in range(20):  # rejection-sample a free spot on the floor; give up on this object if none
-            x, z = rng.uniform(-size[0] / 2 + reach, size[0] / 2 - reach), rng.uniform(-size[2] / 2 + reach, size[2] / 2 - reach)
-            free = all(np.hypot(x - o.centre[0], z - o.centre[2]) > o.footprint_radius() + obj.footprint_radius() + OBJECT_OBJECT_GAP
-                       for o in scene.objects)
+            x = rng.uniform(-size[0] / 2 + reach, size[0] / 2 - reach)
+            z = rng.uniform(-size[2] / 2 + reach, size[2] / 2 - reach)
+            gaps = [np.hypot(x - o.centre[0], z - o.centre[2]) - o.footprint_radius() - obj.footprint_radius()
+                    for o in scene.objects]
+            free = all(gap > OBJECT_OBJECT_GAP for gap in gaps)
             if free:
                 obj.centre = np.array([x, floor_y - half[1], z])
                 scene.objects.append(obj)
@@ -224,7 +227,8 @@ def object_clearance(scene, points):
         elif obj.kind == "ball":
             d = np.linalg.norm(local, axis=1) - obj.half_size[0]
         else:
-            q = np.stack([np.hypot(local[:, 0], local[:, 2]) - obj.half_size[0], np.abs(local[:, 1]) - obj.half_size[1]], 1)
+            radial = np.hypot(local[:, 0], local[:, 2]) - obj.half_size[0]
+            q = np.stack([radial, np.abs(local[:, 1]) - obj.half_size[1]], 1)
             d = np.linalg.norm(np.maximum(q, 0), axis=1) + np.minimum(q.max(axis=1), 0)
         distances.append(d)
     return np.min(np.stack(distances), axis=0)
@@ -252,13 +256,15 @@ class CameraPath:
         """Camera-to-world poses at times (T,) in [0, 1]. (T, 4, 4) float64."""
         s = np.asarray(times, dtype=np.float64)
         eased = (1 - EASE) * s + EASE * s * s * (3 - 2 * s)
-        shake = (self.shake_amplitude[:, :, None]
-                 * np.sin(2 * math.pi * self.shake_freq[:, :, None] * s + self.shake_phase[:, :, None])).sum(1)  # (6, T)
-        yaw = self.yaw[0] + eased * (self.yaw[1] - self.yaw[0]) + shake[3]
+        waves = np.sin(2 * math.pi * self.shake_freq[:, :, None] * s + self.shake_phase[:, :, None])
+        shake = (self.shake_amplitude[:, :, None] * waves).sum(1)  # (6, T)
+        base_yaw = self.yaw[0] + eased * (self.yaw[1] - self.yaw[0])
+        yaw = base_yaw + shake[3]
         pitch = self.pitch[0] + eased * (self.pitch[1] - self.pitch[0]) + shake[4]
         roll = shake[5]
-        if self.kind == "orbit":  # yaw is the angle around the orbit centre; the camera faces the centre
-            centre = self.orbit_centre - self.orbit_radius * np.stack([np.sin(yaw - shake[3]), 0 * s, np.cos(yaw - shake[3])], 1)
+        if self.kind == "orbit":  # base_yaw is the angle around the orbit centre; the camera faces it
+            direction = np.stack([np.sin(base_yaw), np.zeros_like(s), np.cos(base_yaw)], 1)
+            centre = self.orbit_centre - self.orbit_radius * direction
         else:
             centre = self.start + eased[:, None] * self.displacement
         centre = centre + shake[:3].T
@@ -280,7 +286,8 @@ def sample_path(rng, scene):
     eye_y = height / 2 - rng.uniform(EYE_HEIGHT_RANGE[0], min(EYE_HEIGHT_RANGE[1], height - ROOM_MARGIN - 0.2))
     kind = pick(rng, PATH_KINDS)
     deg = math.radians
-    start = np.array([rng.uniform(-width / 2 + 0.6, width / 2 - 0.6), eye_y, rng.uniform(-depth / 2 + 0.6, depth / 2 - 0.6)])
+    start = np.array([rng.uniform(-width / 2 + 0.6, width / 2 - 0.6), eye_y,
+                      rng.uniform(-depth / 2 + 0.6, depth / 2 - 0.6)])
     # Look towards the room centre or an object, give or take 20 degrees, so the view is of the room.
     targets = [np.zeros(3)] + [o.centre for o in scene.objects]
     target = targets[int(rng.integers(len(targets)))]
@@ -420,7 +427,8 @@ def intersect_cylinder(obj, origins, dirs):
     discriminant = b * b - a * c
     t_side = (-b - discriminant.clamp(min=0).sqrt()) / a
     y_side = oc[..., 1] + t_side * dirs[..., 1]
-    t_side = torch.where((discriminant > 0) & (t_side > RAY_EPS) & (y_side.abs() <= half_height), t_side, torch.inf)
+    side_hit = (discriminant > 0) & (t_side > RAY_EPS) & (y_side.abs() <= half_height)
+    t_side = torch.where(side_hit, t_side, torch.inf)
     dy = safe_directions(dirs[..., 1])
     t_caps = []
     for cap_y in (-half_height, half_height):
@@ -491,7 +499,8 @@ def render(scene, c2w, K, height, width, supersample=1):
     v = (torch.arange(rows, dtype=torch.float32) + 0.5) / s
     u = (torch.arange(cols, dtype=torch.float32) + 0.5) / s
     v, u = torch.meshgrid(v, u, indexing="ij")
-    camera_dirs = torch.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], torch.ones_like(u)], -1).reshape(-1, 3)
+    camera_dirs = torch.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], torch.ones_like(u)], -1)
+    camera_dirs = camera_dirs.reshape(-1, 3)  # (P, 3), P = rows * cols
     dirs = camera_dirs @ c2w[:, :3, :3].transpose(1, 2)  # (F, P, 3) world, camera z = 1
     origins = c2w[:, None, :3, 3]  # (F, 1, 3)
 
@@ -503,7 +512,8 @@ def render(scene, c2w, K, height, width, supersample=1):
         hits.append(intersect(obj, origins, dirs))
     t_all = torch.stack([t for t, _ in hits], -1)  # (F, P, 1 + objects)
     depth, nearest = t_all.min(-1)
-    normals = torch.stack([n for _, n in hits], -2).gather(-2, nearest[..., None, None].expand(-1, -1, 1, 3))[..., 0, :]
+    all_normals = torch.stack([n for _, n in hits], -2)  # (F, P, 1 + objects, 3)
+    normals = all_normals.gather(-2, nearest[..., None, None].expand(-1, -1, 1, 3))[..., 0, :]
     points = origins + depth[..., None] * dirs  # (F, P, 3)
 
     # Surface id: 0 walls, 1 floor, 2 ceiling, 3 + k object k.
@@ -575,11 +585,13 @@ class SyntheticClips(torch.utils.data.Dataset):
 # with fx, cx divided by the image width, fy, cy by the height, and [R | t] the 3x4 w2c row-major.
 # The frame layout on disk is ours to choose; we use
 #     folder/name.txt            the camera file
-#     folder/name/00000.png ...  frame i of the camera file (i counts lines, not timestamps)
+#     folder/name/00000.png ...  frame i of the camera file (i counts lines, not timestamps);
+#                                .jpg is read too, for frames extracted from the videos
 #     folder/name/prompt.txt     optional text prompt
 
 RE10K_NUMBERS_PER_LINE = 19
 ROTATION_TOLERANCE = 1e-3  # |R R^T - I| allowed in a file: they are printed to ~6-9 digits
+FRAME_EXTENSIONS = (".png", ".jpg")
 SYNTHETIC_FPS = 30  # timestamps (microseconds) written for clips that carry none
 
 
@@ -600,7 +612,8 @@ def read_re10k_cameras(path):
             continue
         fields = line.split()
         if len(fields) != RE10K_NUMBERS_PER_LINE:
-            raise ValueError(f"{path}, line {line_number}: expected {RE10K_NUMBERS_PER_LINE} numbers, got {len(fields)}")
+            raise ValueError(f"{path}, line {line_number}: expected {RE10K_NUMBERS_PER_LINE} numbers, "
+                             f"got {len(fields)}")
         try:
             timestamp, values = int(fields[0]), [float(x) for x in fields[1:]]
         except ValueError:
@@ -660,7 +673,8 @@ class RE10KClips(torch.utils.data.Dataset):
     def __init__(self, folder, num_frames=8, height=32, width=32, frame_stride=1):
         if not os.path.isdir(folder):
             raise ValueError(f"RE10K folder {folder!r} does not exist")
-        self.folder, self.num_frames, self.height, self.width, self.frame_stride = folder, num_frames, height, width, frame_stride
+        self.folder, self.num_frames, self.frame_stride = folder, num_frames, frame_stride
+        self.height, self.width = height, width
         self.names = sorted(f[:-4] for f in os.listdir(folder)
                             if f.endswith(".txt") and os.path.isdir(os.path.join(folder, f[:-4])))
         if not self.names:
@@ -677,15 +691,16 @@ class RE10KClips(torch.utils.data.Dataset):
             raise ValueError(f"clip {name!r} has {len(cameras['w2c'])} frames, need {frame_ids[-1] + 1}")
         frames = []
         for i in frame_ids:
-            frame_path = os.path.join(self.folder, name, f"{i:05d}.png")
-            if not os.path.exists(frame_path):
-                raise ValueError(f"missing frame {frame_path}")
+            candidates = [os.path.join(self.folder, name, f"{i:05d}{ext}") for ext in FRAME_EXTENSIONS]
+            frame_path = next((p for p in candidates if os.path.exists(p)), None)
+            if frame_path is None:
+                raise ValueError(f"missing frame {candidates[0]} (or {', '.join(FRAME_EXTENSIONS[1:])})")
             image = Image.open(frame_path).convert("RGB").resize((self.width, self.height), Image.BILINEAR)
             frames.append(torch.from_numpy(np.asarray(image).copy()))
         video = torch.stack(frames).permute(0, 3, 1, 2).float() / 255  # (F, 3, H, W)
         fx, fy, cx, cy = cameras["intrinsics_normalised"][0].tolist()
-        K = torch.tensor([[fx * self.width, 0, cx * self.width], [0, fy * self.height, cy * self.height], [0, 0, 1]],
-                         dtype=torch.float32)
+        w, h = self.width, self.height
+        K = torch.tensor([[fx * w, 0, cx * w], [0, fy * h, cy * h], [0, 0, 1]], dtype=torch.float32)
         prompt_path = os.path.join(self.folder, name, "prompt.txt")
         prompt = open(prompt_path).read().strip() if os.path.exists(prompt_path) else ""
         return dict(video=video, w2c=cameras["w2c"][frame_ids], K=K, prompt=prompt)
@@ -711,7 +726,8 @@ def bench():
             render_clip(count, num_frames, size, size)
             count += 1
         elapsed = (time.perf_counter() - start) / count
-        print(f"  {num_frames:2d} frames {size:3d}x{size:<3d}: {1 / elapsed:7.1f} clips/s  ({1000 * elapsed:6.1f} ms/clip)")
+        print(f"  {num_frames:2d} frames {size:3d}x{size:<3d}: {1 / elapsed:7.1f} clips/s  "
+              f"({1000 * elapsed:6.1f} ms/clip)")
 
 
 if __name__ == "__main__":
@@ -720,7 +736,8 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=64, help="height and width in pixels")
-    parser.add_argument("--supersample", type=int, default=1, choices=SUPERSAMPLE_FACTORS, help="RGB anti-aliasing")
+    parser.add_argument("--supersample", type=int, default=1, choices=SUPERSAMPLE_FACTORS,
+                        help="RGB anti-aliasing: average s x s rays per pixel")
     parser.add_argument("--bench", action="store_true", help="print clips/s for a few sizes on one thread")
     args = parser.parse_args()
     if not args.gif and not args.bench:

@@ -225,7 +225,9 @@ def test_camera_never_enters_an_object_over_many_seeds():
             if obj.kind == "box":
                 c, s = math.cos(obj.yaw), math.sin(obj.yaw)
                 # Into the box frame: the box's x axis is (cos, 0, -sin), its z axis (sin, 0, cos).
-                local = np.stack([offset[:, 0] * c - offset[:, 2] * s, offset[:, 1], offset[:, 0] * s + offset[:, 2] * c], 1)
+                local_x = offset[:, 0] * c - offset[:, 2] * s
+                local_z = offset[:, 0] * s + offset[:, 2] * c
+                local = np.stack([local_x, offset[:, 1], local_z], 1)
                 inside = np.all(np.abs(local) < obj.half_size + margin, axis=1)
             elif obj.kind == "ball":
                 inside = np.linalg.norm(offset, axis=1) < obj.half_size[0] + margin
@@ -303,7 +305,8 @@ def test_re10k_reader_round_trips_the_writers_poses_and_intrinsics(tmp_path):
     cameras = data.read_re10k_cameras(tmp_path / "clip.txt")
     assert torch.allclose(cameras["w2c"], clip["w2c"], atol=1e-6)
     fx, fy, cx, cy = cameras["intrinsics_normalised"][0].tolist()
-    assert np.allclose([fx * 24, fy * 16, cx * 24, cy * 16], [clip["K"][0, 0], clip["K"][1, 1], clip["K"][0, 2], clip["K"][1, 2]])
+    K = clip["K"]
+    assert np.allclose([fx * 24, fy * 16, cx * 24, cy * 16], [K[0, 0], K[1, 1], K[0, 2], K[1, 2]])
     assert cameras["timestamps"].dtype == torch.int64 and (cameras["timestamps"].diff() > 0).all()
 
 
@@ -328,10 +331,11 @@ def test_re10k_reader_parses_a_hand_written_file(tmp_path):
 @pytest.mark.parametrize("content, message", [
     ("", "empty"),
     ("url\n1000 0.5 0.8 0.5 0.5 0 0 1 0 0 1.5 0 1 0 -2 0 0 1\n", "line 2: expected 19 numbers, got 18"),
-    ("url\n1000 0.5 0.8 0.5 0.5 0 0 1 0 0 1.5 0 1 0 -2 0 0 1 0.25\n2000 0.5 0.8 0.5 half 0 0 1 0 0 1.5 0 1 0 -2 0 0 1 0.25\n",
-     "line 3: not a number"),
+    ("url\n1000 0.5 0.8 0.5 0.5 0 0 1 0 0 1.5 0 1 0 -2 0 0 1 0.25\n"
+     "2000 0.5 0.8 0.5 half 0 0 1 0 0 1.5 0 1 0 -2 0 0 1 0.25\n", "line 3: not a number"),
     ("url\n1000 0.5 0.8 0.5 0.5 0 0 2 0 0 1.5 0 1 0 -2 0 0 1 0.25\n", "line 2: .* not a rotation"),
     ("url\n", "no camera lines"),
+    ("url\n1000 0.5 0.8 0.5 0.5 0 0 1 0 0 nan 0 1 0 -2 0 0 1 0.25\n", "line 2: non-finite"),
 ])
 def test_re10k_reader_rejects_malformed_files_with_a_clear_message(tmp_path, content, message):
     path = tmp_path / "bad.txt"
