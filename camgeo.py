@@ -1,0 +1,464 @@
+"""The CamGeo student: a small video diffusion transformer conditioned on an image, a prompt and sparse cameras.
+
+Read top to bottom: config and presets, the conditioning (keyframes, camera -> Plücker maps, prompt -> tokens),
+the embedders, the DiT-style blocks, the model, then the diffusion (rectified flow) training loss and the
+Euler sampler with classifier-free guidance, and finally the checkpoint loader used by sample.py.
+
+Pixel space, no latent autoencoder: frames are tiny (32x32 by default), a 4x4 patch is only 48 numbers, and no
+pretrained VAE exists on these machines; training one would double the code for no gain at this size.
+
+train.py owns the loop and the checkpoint writer; sample.py turns an image + poses into a video. The teacher
+(teacher.py) is never imported here: sampling costs exactly what this file costs.
+"""
+import json
+import math
+import re
+import zlib
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import geometry
+
+# -----------------------------------------------------------------------------
+# config and presets
+
+
+@dataclass
+class CamGeoConfig:
+    num_frames: int = 8
+    image_size: int = 32  # square frames, H = W
+    patch_size: int = 4
+    width: int = 128  # transformer hidden size D
+    depth: int = 4  # number of blocks
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    text_vocab_size: int = 1024  # words are hashed into this many buckets (no pretrained text model here)
+    # classifier-free guidance dropout during training. The joint drop (text and camera together) is what the
+    # sampler's unconditional branch uses, so it gets its own probability instead of relying on the rare
+    # coincidence of two independent drops; the single drops let each signal also be learnt alone.
+    joint_drop_prob: float = 0.1
+    text_drop_prob: float = 0.05
+    camera_drop_prob: float = 0.05
+
+
+PRESETS = {
+    # seconds on CPU: for tests only
+    "smoke": CamGeoConfig(num_frames=4, image_size=16, patch_size=4, width=32, depth=2, num_heads=2,
+                          text_vocab_size=64),
+    # the default: trains in < 20 minutes on 2 CPU cores (see train.py)
+    "cpu": CamGeoConfig(num_frames=8, image_size=32, patch_size=4, width=128, depth=4, num_heads=4),
+    # one GPU: longer clips, larger frames, wider and deeper
+    "gpu": CamGeoConfig(num_frames=16, image_size=64, patch_size=4, width=384, depth=12, num_heads=6,
+                        text_vocab_size=4096),
+}
+
+# Rectified-flow time t is drawn logit-normal (as in SD3): sigmoid of a standard normal puts most samples at
+# mid t, where predicting the velocity is hardest, and few at the ends, where it is nearly trivial.
+LOGIT_NORMAL_MEAN = 0.0
+LOGIT_NORMAL_STD = 1.0
+# Translations are divided by the largest keyframe translation norm; this floor keeps a camera that barely
+# moves (pure rotation, hand-shake only) from having its jitter blown up to unit length.
+TRANSLATION_SCALE_FLOOR = 1e-3
+TIMESTEP_FREQUENCY_SCALE = 1000.0  # t in [0, 1] is scaled like DiT's integer steps before the sinusoid
+
+# -----------------------------------------------------------------------------
+# conditioning inputs: keyframes, cameras, prompts
+
+
+def keyframe_indices(num_frames, ratio):
+    """Frames that get a pose at sparsity `ratio`: frame 0 always, the rest evenly spaced with the last frame
+    included; count = max(2, round(ratio * num_frames)) (two, so that every clip has a start and an end pose).
+    Returns a sorted LongTensor of unique indices."""
+    if num_frames < 2:
+        raise ValueError(f"need at least 2 frames for keyframes, got {num_frames}")
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"keyframe ratio must be in (0, 1], got {ratio}")
+    count = min(num_frames, max(2, round(ratio * num_frames)))
+    # evenly spaced positions from 0 to F-1, rounded; distinct because count <= num_frames
+    positions = torch.linspace(0, num_frames - 1, count).round().long()
+    return torch.unique(positions)
+
+
+def random_keyframe_mask(batch_size, num_frames, ratio, generator=None):
+    """(B, F) float mask: frame 0 plus (count - 1) other frames drawn at random per sample."""
+    count = min(num_frames, max(2, round(ratio * num_frames)))
+    mask = torch.zeros(batch_size, num_frames)
+    mask[:, 0] = 1
+    for b in range(batch_size):
+        others = torch.randperm(num_frames - 1, generator=generator)[: count - 1] + 1
+        mask[b, others] = 1
+    return mask
+
+
+def fill_missing_poses(w2c, keyframe_mask, mode):
+    """Linear / SLERP baselines: (B, F, 4, 4) w2c whose non-keyframe poses are replaced by interpolating the
+    keyframe poses (geometry.interpolate_trajectory on c2w, mode "linear" or "slerp"); keyframes are kept."""
+    filled = []
+    for poses, mask in zip(w2c, keyframe_mask):  # keyframes may differ per sample
+        index = mask.nonzero().flatten()
+        c2w_keyframes = geometry.invert_pose(poses[index])
+        c2w = geometry.interpolate_trajectory(c2w_keyframes, index, poses.shape[0], mode)
+        filled.append(geometry.invert_pose(c2w))
+    return torch.stack(filled)
+
+
+def intrinsics_vector(K):
+    """(..., 3, 3) pixel intrinsics -> (..., 4) [fx, fy, cx, cy], the layout plucker_embedding takes."""
+    return torch.stack([K[..., 0, 0], K[..., 1, 1], K[..., 0, 2], K[..., 1, 2]], dim=-1)
+
+
+def camera_conditioning(w2c, K, keyframe_mask, height, width):
+    """Camera input of the denoiser: Plücker maps at keyframes, zeros elsewhere, plus the mask as a channel.
+
+    w2c (B, F, 4, 4) world->camera; K (B, F, 4) [fx, fy, cx, cy] in pixels of the (height, width) frames the
+    denoiser sees; keyframe_mask (B, F) with 1 where the pose is given (frame 0 must be given).
+    Poses are made relative to frame 0 (c2w_0 = I) and translations are divided by the largest translation
+    norm among the *given* poses, so only known poses set the scale (with full poses this is exactly
+    geometry.normalize_translation). The mask channel makes "no pose given" differ from "identity pose".
+    Returns (B, F, 7, H, W): channels [o x d, d] * mask, mask.
+    """
+    mask = keyframe_mask.to(w2c.dtype)
+    if not torch.all(mask[:, 0] == 1):
+        raise ValueError("frame 0 must be a keyframe: poses are expressed relative to it")
+    # poses that are not given may hold anything (zeros, garbage): replace them by identity so nothing
+    # below sees a singular matrix, then mask their embedding out anyway
+    eye = torch.eye(4, dtype=w2c.dtype, device=w2c.device).expand_as(w2c)
+    w2c = torch.where(mask[..., None, None] > 0, w2c, eye)
+    c2w = geometry.relative_to_first(geometry.invert_pose(w2c))
+    translation = c2w[..., :3, 3]  # (B, F, 3)
+    scale = (translation.norm(dim=-1) * mask).amax(dim=-1).clamp_min(TRANSLATION_SCALE_FLOOR)  # (B,)
+    c2w = torch.cat([torch.cat([c2w[..., :3, :3], (translation / scale[:, None, None])[..., None]], -1),
+                     c2w[..., 3:, :]], dim=-2)
+    plucker = geometry.plucker_embedding(K, c2w, height, width)  # (B, F, 6, H, W)
+    mask_map = mask[..., None, None, None].expand(-1, -1, 1, height, width)  # (B, F, 1, H, W)
+    return torch.cat([plucker * mask_map, mask_map], dim=2)
+
+
+def tokenize(prompts, vocab_size):
+    """Lower-cased words hashed (crc32: stable across runs, unlike Python's hash) into vocab_size buckets.
+    Returns (ids, offsets) in torch.nn.EmbeddingBag's flat layout; an empty prompt is an empty bag."""
+    ids, offsets = [], []
+    for prompt in prompts:
+        offsets.append(len(ids))
+        ids.extend(zlib.crc32(word.encode()) % vocab_size for word in re.findall(r"[a-z0-9]+", prompt.lower()))
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(offsets, dtype=torch.long)
+
+
+# -----------------------------------------------------------------------------
+# embedders (each holds the classifier-free-guidance dropout of the signal it embeds, as DiT's LabelEmbedder)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+def sincos_1d(positions, dim):
+    """(N,) positions -> (N, dim) fixed sinusoidal embedding (first half sin, second half cos)."""
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, dtype=torch.float32) / (dim // 2))
+    angles = positions.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+def sincos_2d(grid_size, dim):
+    """(grid_size**2, dim): half the channels encode the row, half the column (as DiT's 2D sin-cos)."""
+    rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    return torch.cat([sincos_1d(rows.flatten(), dim // 2), sincos_1d(cols.flatten(), dim // 2)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Diffusion time t in [0, 1] -> (B, D): sinusoid then a two-layer MLP."""
+
+    def __init__(self, width, frequency_dim=256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t):
+        return self.mlp(sincos_1d(t * TIMESTEP_FREQUENCY_SCALE, self.frequency_dim).to(t.device))
+
+
+class TextEmbedder(nn.Module):
+    """Prompt -> (B, D): mean of learned embeddings of its hashed words; a learned null embedding replaces it
+    when dropped (classifier-free guidance) and for an empty prompt (no text is the unconditional case)."""
+
+    def __init__(self, vocab_size, width, drop_prob):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.drop_prob = drop_prob
+        self.words = nn.EmbeddingBag(vocab_size, width, mode="mean")
+        self.null_embedding = nn.Parameter(torch.zeros(width))
+
+    def forward(self, prompts, force_drop=None):
+        ids, offsets = tokenize(prompts, self.vocab_size)
+        embedding = self.words(ids.to(self.null_embedding.device), offsets.to(self.null_embedding.device))
+        drop = drop_decisions(len(prompts), self.drop_prob, self.training, force_drop, embedding.device)
+        num_words = torch.diff(offsets, append=torch.tensor([len(ids)])).to(embedding.device)
+        drop = drop | (num_words == 0)
+        return torch.where(drop[:, None], self.null_embedding.to(embedding.dtype), embedding)
+
+
+class CameraEmbedder(nn.Module):
+    """Camera maps (B, F, 7, H, W) from camera_conditioning -> tokens (B, F, h*w, D), patchified exactly like
+    the frames so each camera token sits on its frame token; dropped -> a learned null token everywhere."""
+
+    def __init__(self, patch_size, width, drop_prob, in_channels=7):
+        super().__init__()
+        self.drop_prob = drop_prob
+        self.proj = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
+        self.null_embedding = nn.Parameter(torch.zeros(width))
+
+    def forward(self, camera, force_drop=None):
+        B, num_frames = camera.shape[:2]
+        tokens = self.proj(camera.flatten(0, 1))  # (B*F, D, h, w)
+        tokens = tokens.flatten(2).transpose(1, 2).reshape(B, num_frames, -1, tokens.shape[1])  # (B, F, h*w, D)
+        drop = drop_decisions(B, self.drop_prob, self.training, force_drop, tokens.device)
+        return torch.where(drop[:, None, None, None], self.null_embedding.to(tokens.dtype), tokens)
+
+
+def drop_decisions(batch_size, drop_prob, training, force_drop, device):
+    """(B,) bool: which samples lose this condition. Random only in training; force_drop is OR-ed in (it carries
+    the joint text+camera drop in training and the unconditional branch of guidance in sampling)."""
+    drop = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    if training and drop_prob > 0:
+        drop = torch.rand(batch_size, device=device) < drop_prob
+    if force_drop is not None:
+        drop = drop | force_drop.to(device)
+    return drop
+
+
+# -----------------------------------------------------------------------------
+# the transformer
+
+
+class Attention(nn.Module):
+    def __init__(self, width, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):  # (batch, tokens, D) -> same
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, D/heads)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, width, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Factorised space-time block: spatial attention within each frame, then temporal attention across frames
+    at each spatial location, then an MLP, each wrapped in adaLN-Zero modulation by the condition c.
+    Factorised because full attention over all F*h*w tokens costs (F*h*w)^2 while this costs
+    F*(h*w)^2 + h*w*F^2: at 8 frames of 8x8 tokens, 36,864 + 4,096 pairs instead of 262,144 (6x less)."""
+
+    def __init__(self, width, num_heads, mlp_ratio):
+        super().__init__()
+        self.norm_spatial = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.spatial_attn = Attention(width, num_heads)
+        self.norm_temporal = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.temporal_attn = Attention(width, num_heads)
+        self.norm_mlp = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(width, int(width * mlp_ratio))
+        # shift, scale, gate for each of the three sub-layers
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 9 * width))
+
+    def forward(self, x, c):  # x (B, F, N, D), c (B, D)
+        B, num_frames, N, D = x.shape
+        mod = self.adaLN_modulation(c)[:, None, None, :].chunk(9, dim=-1)  # 9 x (B, 1, 1, D)
+        shift_s, scale_s, gate_s, shift_t, scale_t, gate_t, shift_m, scale_m, gate_m = mod
+        h = modulate(self.norm_spatial(x), shift_s, scale_s).reshape(B * num_frames, N, D)
+        x = x + gate_s * self.spatial_attn(h).view(B, num_frames, N, D)
+        h = modulate(self.norm_temporal(x), shift_t, scale_t).transpose(1, 2).reshape(B * N, num_frames, D)
+        x = x + gate_t * self.temporal_attn(h).view(B, N, num_frames, D).transpose(1, 2)
+        return x + gate_m * self.mlp(modulate(self.norm_mlp(x), shift_m, scale_m))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width, patch_size, out_channels):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(width, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c)[:, None, None, :].chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class CamGeo(nn.Module):
+    """Velocity predictor v(x_t, t | reference image, prompt, cameras) on videos in [-1, 1].
+
+    Inputs per frame: the noisy frame and the clean reference image concatenated channel-wise (SVD-style: every
+    frame sees the reference at every pixel, so copying its content is a local operation), patchified to tokens;
+    camera tokens from the Plücker maps are added on top; fixed sin-cos position embeddings for the patch (2D)
+    and the frame (1D). Diffusion time + prompt form the adaLN condition c.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        D, p = config.width, config.patch_size
+        if config.image_size % p:
+            raise ValueError(f"image_size {config.image_size} is not a multiple of patch_size {p}")
+        self.grid_size = config.image_size // p
+        self.frame_embedder = nn.Conv2d(6, D, kernel_size=p, stride=p)  # noisy frame (3) + reference (3)
+        self.camera_embedder = CameraEmbedder(p, D, config.camera_drop_prob)
+        self.t_embedder = TimestepEmbedder(D)
+        self.text_embedder = TextEmbedder(config.text_vocab_size, D, config.text_drop_prob)
+        # fixed, not learned: extends to other clip lengths without new weights, and keeps checkpoints small
+        self.register_buffer("spatial_pos", sincos_2d(self.grid_size, D), persistent=False)  # (h*w, D)
+        self.blocks = nn.ModuleList([Block(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth)])
+        self.final_layer = FinalLayer(D, p, 3)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.apply(basic_init)
+        for patchify in (self.frame_embedder, self.camera_embedder.proj):  # as a linear layer, like DiT
+            nn.init.xavier_uniform_(patchify.weight.view(patchify.weight.shape[0], -1))
+            nn.init.zeros_(patchify.bias)
+        nn.init.normal_(self.text_embedder.words.weight, std=0.02)
+        nn.init.normal_(self.text_embedder.null_embedding, std=0.02)
+        nn.init.normal_(self.camera_embedder.null_embedding, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: modulation outputs start at zero, so every gate is 0 and each block starts as the identity
+        # (a new block cannot disturb the signal until it has learnt something); the final layer starts at zero
+        # so the first prediction is v = 0.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def forward(self, x_t, t, reference, prompts, camera, force_drop=None):
+        """x_t (B, F, 3, H, W) and reference (B, 3, H, W) in [-1, 1]; t (B,); prompts list of B strings;
+        camera (B, F, 7, H, W) from camera_conditioning; force_drop (B,) bool drops text and camera together.
+        Returns the predicted velocity (B, F, 3, H, W)."""
+        B, num_frames, _, H, W = x_t.shape
+        p, D = self.config.patch_size, self.config.width
+        frames = torch.cat([x_t, reference[:, None].expand(-1, num_frames, -1, -1, -1)], dim=2)  # (B, F, 6, H, W)
+        tokens = self.frame_embedder(frames.flatten(0, 1))  # (B*F, D, h, w)
+        tokens = tokens.flatten(2).transpose(1, 2).reshape(B, num_frames, -1, D)  # (B, F, h*w, D)
+        tokens = tokens + self.camera_embedder(camera, force_drop)
+        frame_pos = sincos_1d(torch.arange(num_frames), D).to(tokens.device)  # (F, D)
+        tokens = tokens + self.spatial_pos[None, None] + frame_pos[None, :, None]
+        c = self.t_embedder(t) + self.text_embedder(prompts, force_drop)  # (B, D)
+        for block in self.blocks:
+            tokens = block(tokens, c)
+        patches = self.final_layer(tokens, c)  # (B, F, h*w, p*p*3)
+        h, w = H // p, W // p
+        patches = patches.view(B, num_frames, h, w, p, p, 3)
+        return patches.permute(0, 1, 6, 2, 4, 3, 5).reshape(B, num_frames, 3, H, W)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+
+# -----------------------------------------------------------------------------
+# diffusion: rectified flow
+
+
+def training_losses(model, video, prompts, camera, generator=None):
+    """Rectified flow (flow matching) on video (B, F, 3, H, W) in [0, 1], frame 0 being the reference image.
+
+    x_t = (1 - t) x0 + t eps,  target velocity v = eps - x0,  loss = |v_hat - v|^2 (mean),
+    and the implied clean video x0_hat = x_t - t v_hat, returned with gradients (in [0, 1] units, unclamped)
+    because the geometry distillation looks at it. Returns dict(loss, x0_pred, t, x_t, v_pred).
+    """
+    x0 = video * 2 - 1
+    reference = x0[:, 0]
+    B = x0.shape[0]
+    normal = torch.randn(B, generator=generator).to(x0.device)
+    t = torch.sigmoid(LOGIT_NORMAL_MEAN + LOGIT_NORMAL_STD * normal)  # (B,) logit-normal
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    t_ = t.view(B, 1, 1, 1, 1)
+    x_t = (1 - t_) * x0 + t_ * noise
+    force_drop = None
+    if model.training and model.config.joint_drop_prob > 0:
+        force_drop = torch.rand(B, generator=generator).to(x0.device) < model.config.joint_drop_prob
+    v_pred = model(x_t, t, reference, prompts, camera, force_drop)
+    loss = F.mse_loss(v_pred, noise - x0)
+    x0_pred = x_t - t_ * v_pred
+    return {"loss": loss, "x0_pred": (x0_pred + 1) / 2, "t": t, "x_t": x_t, "v_pred": v_pred}
+
+
+@torch.no_grad()
+def sample(model, reference, prompts, camera, num_steps=25, cfg_scale=2.0, seed=0):
+    """Euler ODE from noise (t = 1) to data (t = 0). reference (B, 3, H, W) in [0, 1]; camera from
+    camera_conditioning. Classifier-free guidance on text and camera jointly, the reference image always kept:
+    v = v_uncond + cfg_scale * (v_cond - v_uncond). Deterministic in seed. Returns (B, F, 3, H, W) in [0, 1]."""
+    model.eval()
+    device = reference.device
+    B, num_frames = camera.shape[:2]
+    H, W = reference.shape[-2:]
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((B, num_frames, 3, H, W), generator=generator).to(device)
+    reference = reference * 2 - 1
+    guided = cfg_scale != 1.0
+    if guided:  # one batch of 2B: first half conditional, second half with text and camera dropped
+        reference, camera, prompts = torch.cat([reference, reference]), torch.cat([camera, camera]), prompts * 2
+        force_drop = torch.arange(2 * B, device=device) >= B
+    else:
+        force_drop = None
+    times = torch.linspace(1.0, 0.0, num_steps + 1)
+    for t, t_next in zip(times[:-1], times[1:]):
+        x_in = torch.cat([x, x]) if guided else x
+        v = model(x_in, torch.full((x_in.shape[0],), float(t), device=device), reference, prompts, camera,
+                  force_drop)
+        if guided:
+            v_cond, v_uncond = v.chunk(2)
+            v = v_uncond + cfg_scale * (v_cond - v_uncond)
+        x = x + (t_next - t) * v
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints (written by train.py: safetensors with "model." and "ema." prefixes, config JSON in metadata)
+
+
+def load_checkpoint(path, weights="ema", device="cpu"):
+    """Build the model a checkpoint describes and load its `weights` ("ema" or "model") into it.
+    Returns (model, metadata dict with "config", "method", "step", "options"). Raises ValueError naming any missing or
+    unexpected keys."""
+    from safetensors import safe_open
+    with safe_open(path, framework="pt", device=str(device)) as f:
+        metadata = f.metadata() or {}
+        if "config" not in metadata:
+            raise ValueError(f"{path}: no 'config' in the safetensors metadata (not a CamGeo checkpoint)")
+        config = CamGeoConfig(**json.loads(metadata["config"]))
+        prefix = weights + "."
+        state = {key[len(prefix):]: f.get_tensor(key) for key in f.keys() if key.startswith(prefix)}
+    model = CamGeo(config).to(device)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match the model: missing keys {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''} (prefix '{prefix}')")
+    model.load_state_dict(state)
+    model.eval()
+    info = {"config": config, "method": metadata.get("method", "sparse"), "step": int(metadata.get("step", 0)),
+            "options": json.loads(metadata.get("options", "{}"))}
+    return model, info
+
+
+def config_to_json(config):
+    return json.dumps(asdict(config))

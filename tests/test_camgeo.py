@@ -1,0 +1,253 @@
+"""The student model (camgeo.py): shapes, adaLN-Zero, conditioning, CFG dropout, rectified flow, sampler."""
+import math
+
+import pytest
+import torch
+
+import camgeo
+import data
+import geometry
+
+CONFIG = camgeo.PRESETS["smoke"]
+F, S = CONFIG.num_frames, CONFIG.image_size
+
+
+def random_w2c(batch, num_frames, seed=0):
+    """Random rigid w2c poses (rotations from random quaternions, translations of about a metre)."""
+    g = torch.Generator().manual_seed(seed)
+    R = geometry.quat_to_mat(torch.randn(batch, num_frames, 4, generator=g))
+    t = torch.randn(batch, num_frames, 3, generator=g)
+    return geometry.to_homogeneous(torch.cat([R, t[..., None]], dim=-1))
+
+
+def intrinsics(batch, num_frames, size=S):
+    return torch.tensor([0.8 * size, 0.8 * size, size / 2, size / 2]).expand(batch, num_frames, 4)
+
+
+def inputs(batch=2, mask=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    video = torch.rand(batch, F, 3, S, S, generator=g)
+    mask = torch.ones(batch, F) if mask is None else mask
+    camera = camgeo.camera_conditioning(random_w2c(batch, F, seed), intrinsics(batch, F), mask, S, S)
+    return video, ["a red room with a blue ball"] * batch, camera
+
+
+def randomise_zero_layers(model, seed=0):
+    """adaLN-Zero makes a fresh model ignore its inputs; give the zeroed layers values so outputs depend on them."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "adaLN_modulation" in name or "final_layer.linear" in name:
+            p.data = 0.1 * torch.randn(p.shape, generator=g)
+
+
+def test_forward_returns_velocity_of_video_shape():
+    model = camgeo.CamGeo(CONFIG).eval()
+    video, prompts, camera = inputs()
+    v = model(video * 2 - 1, torch.rand(2), video[:, 0] * 2 - 1, prompts, camera)
+    assert v.shape == video.shape
+
+
+@pytest.mark.parametrize("name", list(camgeo.PRESETS))
+def test_presets_build_with_stated_resolution_and_frames(name):
+    config = camgeo.PRESETS[name]
+    expected = {"smoke": (16, range(4, 9)), "cpu": (32, [8]), "gpu": (64, [16])}[name]
+    assert config.image_size == expected[0] and config.num_frames in expected[1]
+    assert config.image_size % config.patch_size == 0 and config.width % config.num_heads == 0
+
+
+def test_adaln_zero_makes_every_block_identity_at_init():
+    model = camgeo.CamGeo(CONFIG)
+    x = torch.randn(2, F, (S // CONFIG.patch_size) ** 2, CONFIG.width)
+    c = torch.randn(2, CONFIG.width)
+    for block in model.blocks:
+        assert torch.equal(block(x, c), x)
+
+
+def test_block_is_not_identity_once_modulation_is_nonzero():
+    model = camgeo.CamGeo(CONFIG)
+    randomise_zero_layers(model)
+    x = torch.randn(2, F, (S // CONFIG.patch_size) ** 2, CONFIG.width)
+    assert not torch.allclose(model.blocks[0](x, torch.randn(2, CONFIG.width)), x)
+
+
+def test_zero_final_layer_predicts_zero_velocity_at_init():
+    model = camgeo.CamGeo(CONFIG).eval()
+    video, prompts, camera = inputs()
+    assert torch.count_nonzero(model(video, torch.rand(2), video[:, 0], prompts, camera)) == 0
+
+
+def test_missing_pose_differs_from_identity_pose_in_conditioning():
+    eye = torch.eye(4).expand(1, F, 4, 4)
+    given = camgeo.camera_conditioning(eye, intrinsics(1, F), torch.ones(1, F), S, S)
+    mask = torch.ones(1, F)
+    mask[0, 1] = 0
+    missing = camgeo.camera_conditioning(eye, intrinsics(1, F), mask, S, S)
+    assert torch.count_nonzero(missing[0, 1]) == 0  # no pose: all channels zero, mask channel included
+    assert torch.all(given[0, 1, 6] == 1)  # identity pose: the mask channel says "given"
+
+
+def test_keyframe_mask_changes_model_output():
+    model = camgeo.CamGeo(CONFIG).eval()
+    randomise_zero_layers(model)
+    eye = torch.eye(4).expand(1, F, 4, 4)
+    mask = torch.ones(1, F)
+    mask[0, 1:] = 0
+    video = torch.rand(1, F, 3, S, S)
+    t = torch.tensor([0.5])
+    out_identity = model(video, t, video[:, 0], ["room"], camgeo.camera_conditioning(eye, intrinsics(1, F),
+                                                                                   torch.ones(1, F), S, S))
+    out_missing = model(video, t, video[:, 0], ["room"], camgeo.camera_conditioning(eye, intrinsics(1, F), mask,
+                                                                                  S, S))
+    assert not torch.allclose(out_identity, out_missing, atol=1e-4)
+
+
+def test_camera_conditioning_ignores_world_frame_and_scale():
+    w2c = random_w2c(1, F, seed=3)
+    mask = torch.ones(1, F)
+    base = camgeo.camera_conditioning(w2c, intrinsics(1, F), mask, S, S)
+    # move the whole world rigidly and scale it: c2w' = G c2w with translations scaled by 3
+    G = random_w2c(1, 1, seed=4)[:, 0]
+    c2w = G[:, None] @ geometry.invert_pose(w2c)
+    c2w = torch.cat([torch.cat([c2w[..., :3, :3], 3 * c2w[..., :3, 3:]], -1), c2w[..., 3:, :]], -2)
+    moved = camgeo.camera_conditioning(geometry.invert_pose(c2w), intrinsics(1, F), mask, S, S)
+    assert torch.allclose(base, moved, atol=1e-4)
+
+
+def test_camera_conditioning_scale_comes_from_given_poses_only():
+    w2c = random_w2c(1, F, seed=5)
+    mask = torch.ones(1, F)
+    mask[0, 1] = 0
+    camera = camgeo.camera_conditioning(w2c, intrinsics(1, F), mask, S, S)
+    other = w2c.clone()
+    other[0, 1, :3, 3] *= 100  # a far-away pose that is not given must not change the scale
+    assert torch.allclose(camera, camgeo.camera_conditioning(other, intrinsics(1, F), mask, S, S))
+
+
+def test_camera_conditioning_rejects_missing_frame_zero():
+    mask = torch.ones(1, F)
+    mask[0, 0] = 0
+    with pytest.raises(ValueError, match="frame 0"):
+        camgeo.camera_conditioning(random_w2c(1, F), intrinsics(1, F), mask, S, S)
+
+
+def test_text_dropout_replaces_prompt_with_null_embedding():
+    embedder = camgeo.TextEmbedder(64, 8, drop_prob=0.0).eval()
+    out = embedder(["a red ball", "a blue box"], force_drop=torch.tensor([True, False]))
+    assert torch.equal(out[0], embedder.null_embedding)
+    assert not torch.allclose(out[1], embedder.null_embedding)
+
+
+def test_text_dropout_probability_one_drops_every_prompt_in_training():
+    embedder = camgeo.TextEmbedder(64, 8, drop_prob=1.0).train()
+    out = embedder(["a red ball", "a blue box"])
+    assert torch.equal(out, embedder.null_embedding.expand(2, 8))
+
+
+def test_empty_prompt_is_the_null_embedding():
+    embedder = camgeo.TextEmbedder(64, 8, drop_prob=0.0).eval()
+    assert torch.equal(embedder([""])[0], embedder.null_embedding)
+
+
+def test_tokenize_ignores_case_and_punctuation():
+    ids_a, _ = camgeo.tokenize(["A Red, ball!"], 1024)
+    ids_b, _ = camgeo.tokenize(["a red ball"], 1024)
+    assert torch.equal(ids_a, ids_b) and len(ids_a) == 3
+
+
+def test_tokenize_offsets_mark_where_each_prompt_starts():
+    ids, offsets = camgeo.tokenize(["one two", "", "three"], 1024)
+    assert offsets.tolist() == [0, 2, 2] and len(ids) == 3
+
+
+def test_camera_dropout_replaces_camera_tokens_with_null_embedding():
+    embedder = camgeo.CameraEmbedder(4, 8, drop_prob=0.0).eval()
+    camera = torch.randn(2, F, 7, S, S)
+    out = embedder(camera, force_drop=torch.tensor([True, False]))
+    assert torch.equal(out[0], embedder.null_embedding.expand_as(out[0]))
+    assert not torch.allclose(out[1], embedder.null_embedding.expand_as(out[1]))
+
+
+def test_training_losses_return_x0_consistent_with_x_t_and_velocity():
+    model = camgeo.CamGeo(CONFIG).train()
+    randomise_zero_layers(model)
+    video, prompts, camera = inputs()
+    out = camgeo.training_losses(model, video, prompts, camera, torch.Generator().manual_seed(0))
+    t = out["t"].view(-1, 1, 1, 1, 1)
+    assert torch.allclose(out["x0_pred"], (out["x_t"] - t * out["v_pred"] + 1) / 2, atol=1e-6)
+    assert out["x0_pred"].requires_grad and out["x0_pred"].shape == video.shape
+    out["x0_pred"].sum().backward()  # gradients reach the weights through x0_pred
+    assert model.final_layer.linear.weight.grad.abs().sum() > 0
+
+
+def test_x0_pred_is_the_clean_video_when_the_velocity_is_exact():
+    # with v_hat = eps - x0 exactly, x_t - t v_hat recovers x0: check the formula with a model that cheats
+    video, prompts, camera = inputs()
+    noise = {}
+
+    class Oracle(torch.nn.Module):
+        config = CONFIG
+        training = False
+
+        def forward(self, x_t, t, reference, prompts, camera, force_drop=None):
+            t_ = t.view(-1, 1, 1, 1, 1)
+            noise["eps"] = (x_t - (1 - t_) * (video * 2 - 1)) / t_
+            return noise["eps"] - (video * 2 - 1)
+
+    out = camgeo.training_losses(Oracle(), video, prompts, camera, torch.Generator().manual_seed(1))
+    assert torch.allclose(out["x0_pred"], video, atol=1e-4)
+    assert out["loss"].item() < 1e-8
+
+
+def test_logit_normal_times_are_inside_zero_one_and_centred():
+    model = camgeo.CamGeo(CONFIG).eval()
+    video, prompts, camera = inputs(batch=64)
+    t = camgeo.training_losses(model, video, prompts, camera, torch.Generator().manual_seed(0))["t"]
+    assert torch.all((t > 0) & (t < 1)) and abs(t.median().item() - 0.5) < 0.1
+
+
+def test_sampler_is_deterministic_under_a_seed_and_in_range():
+    model = camgeo.CamGeo(CONFIG).eval()
+    randomise_zero_layers(model)
+    video, prompts, camera = inputs()
+    a = camgeo.sample(model, video[:, 0], prompts, camera, num_steps=3, cfg_scale=2.0, seed=7)
+    b = camgeo.sample(model, video[:, 0], prompts, camera, num_steps=3, cfg_scale=2.0, seed=7)
+    c = camgeo.sample(model, video[:, 0], prompts, camera, num_steps=3, cfg_scale=2.0, seed=8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == video.shape and a.min() >= 0 and a.max() <= 1
+
+
+def test_guidance_scale_one_equals_conditional_prediction_only():
+    model = camgeo.CamGeo(CONFIG).eval()
+    randomise_zero_layers(model)
+    video, prompts, camera = inputs(batch=1)
+    x = torch.randn(1, F, 3, S, S, generator=torch.Generator().manual_seed(3))
+    v = model(x, torch.ones(1), video[:, 0] * 2 - 1, prompts, camera)
+    expected = ((x - v + 1) / 2).clamp(0, 1)  # one Euler step from t = 1 to 0
+    sampled = camgeo.sample(model, video[:, 0], prompts, camera, num_steps=1, cfg_scale=1.0, seed=3)
+    assert torch.allclose(sampled, expected, atol=1e-5)
+
+
+def test_overfitting_one_clip_reduces_the_loss():
+    torch.manual_seed(0)
+    model = camgeo.CamGeo(CONFIG)
+    clip = data.render_clip(0, F, S, S)
+    video = clip["video"].expand(4, -1, -1, -1, -1)
+    camera = camgeo.camera_conditioning(clip["w2c"].expand(4, -1, -1, -1),
+                                        camgeo.intrinsics_vector(clip["K"]).expand(4, F, 4), torch.ones(4, F), S, S)
+    prompts = [clip["prompt"]] * 4
+
+    def fixed_loss():  # same t and noise every time, no dropout
+        model.eval()
+        with torch.no_grad():
+            return camgeo.training_losses(model, video, prompts, camera, torch.Generator().manual_seed(123))["loss"]
+
+    before = fixed_loss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(80):
+        loss = camgeo.training_losses(model, video, prompts, camera, generator)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert fixed_loss() < 0.6 * before  # v = 0 at init; a model that learnt nothing stays near 1.0x
