@@ -8,6 +8,7 @@
     python train.py --preset smoke --steps 20         # seconds, for tests
     python train.py --preset gpu --device cuda        # the larger model on one GPU
     python train.py --data path/to/re10k_folder       # RealEstate10K-format clips instead of the synthetic world
+    python train.py --export out/sparse/ckpt.safetensors assets/student.safetensors   # EMA weights, float16
 
 Outputs in --out (default out/<method>): ckpt.safetensors (weights "model.*" and EMA weights "ema.*"; config,
 method, step and options as JSON in the safetensors metadata), optimizer.pt (AdamW state, loadable with
@@ -72,6 +73,9 @@ def parse_args(argv=None):
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers that render clips")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--ckpt-every", type=int, default=500)
+    parser.add_argument("--export", nargs=2, metavar=("CKPT", "DEST"),
+                        help="write CKPT's EMA weights alone, in float16, to DEST and exit "
+                             "(how assets/student.safetensors is made)")
     args = parser.parse_args(argv)
     for name, value in TRAIN_DEFAULTS[args.preset].items():
         if getattr(args, name) is None:
@@ -197,6 +201,17 @@ def atomic_write(path, write):
         raise
 
 
+def export_ema(checkpoint, destination, dtype=torch.float16):
+    """The shipped checkpoint: EMA weights only (what sample.py loads), float16 to halve the size (sampling loads
+    them into float32 parameters), same metadata."""
+    from safetensors import safe_open
+    with safe_open(checkpoint, framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {key: f.get_tensor(key).to(dtype) for key in f.keys() if key.startswith("ema.")}
+    os.makedirs(os.path.dirname(destination) or ".", exist_ok=True)
+    atomic_write(destination, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
 def save_checkpoint(out_dir, model, ema, optimizer, config, args, step):
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
@@ -265,4 +280,8 @@ def train(args):
 
 
 if __name__ == "__main__":
-    train(parse_args())
+    arguments = parse_args()
+    if arguments.export:
+        export_ema(*arguments.export)
+    else:
+        train(arguments)

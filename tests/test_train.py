@@ -154,3 +154,16 @@ def test_smoke_run_trains_on_a_realestate10k_folder(tmp_path):
     out = smoke_run(tmp_path, "sparse", steps=2, extra=("--data", str(tmp_path / "re10k")))
     _, info = camgeo.load_checkpoint(os.path.join(out, train.CKPT_NAME))
     assert info["step"] == 2 and json.loads(open(os.path.join(out, train.LOG_NAME)).readline())["loss"] > 0
+
+
+def test_export_keeps_only_ema_weights_in_half_precision_and_loads(tmp_path):
+    out = smoke_run(tmp_path, "sparse", steps=2)
+    destination = str(tmp_path / "assets" / "student.safetensors")
+    train.export_ema(os.path.join(out, train.CKPT_NAME), destination)
+    with safe_open(destination, "pt") as f:
+        assert all(k.startswith("ema.") and f.get_tensor(k).dtype == torch.float16 for k in f.keys())
+    exported, info = camgeo.load_checkpoint(destination)
+    original, _ = camgeo.load_checkpoint(os.path.join(out, train.CKPT_NAME))
+    assert info["step"] == 2
+    for a, b in zip(exported.parameters(), original.parameters()):
+        assert a.dtype == torch.float32 and torch.allclose(a, b, atol=1e-2, rtol=1e-3)
