@@ -1,0 +1,802 @@
+"""Does the generated camera follow the requested one? The CamGeo evaluation, end to end.
+
+Held-out clips of the synthetic world (data.SPLIT_SEEDS["test"], never seen in training) give a reference
+frame, a prompt, the keyframe poses a method is conditioned on, and the ground-truth video along the
+ground-truth path, kept for scoring. Each trained student generates a video per clip; we then estimate the
+camera path *of the generated video* and compare it with the requested path.
+
+The camera estimator shares nothing with the distillation teacher (teacher.py): if CamGeo were graded by the
+VGGT it was distilled from, it would be graded by its own tutor. Because the synthetic scene is known exactly,
+we use analysis by synthesis instead: per frame, find the 6-DoF pose from which data.render's image of the true
+scene best matches the generated frame (Levenberg-Marquardt on a robust photometric residual, coarse to fine over
+blur levels, initialised from the previous frames). Frame 0 is the reference frame, whose pose is the given
+frame-0 keyframe, so it is fixed to that pose; the metrics are relative to frame 0 anyway. No other ground-truth
+pose is looked at. `--validate` measures the estimator's own error on ground-truth videos (clean and degraded
+like generated ones) next to the errors of naive paths, so a reader sees its floor against method differences.
+
+    python evaluate.py --validate --clips 16                 # estimator floor vs naive-path errors
+    python evaluate.py --preset smoke --out out/eval_smoke   # the whole study in seconds (CI)
+    python evaluate.py --preset cpu --out out/eval           # a few hours on 2 CPU cores
+    python evaluate.py --preset gpu --device cuda --out out/eval_gpu
+
+The study trains what is missing (python train.py ... --out OUT/ckpt/<name>), reuses checkpoints that exist,
+samples every test clip with fixed seeds, estimates, scores, and writes OUT/table.md, OUT/table.csv,
+OUT/trajectories.png (top-down requested vs estimated paths) and OUT/frames.png (generated vs ground truth).
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.autograd import forward_ad
+from PIL import Image, ImageDraw
+
+import camgeo
+import data
+import geometry
+
+# ----------------------------------------------------------------------------------------------
+# Camera estimation by analysis by synthesis
+
+# Coarse to fine: both the render and the target are blurred by a Gaussian of this many pixels (0 = none).
+# Wide blur first makes the photometric error smooth over a few pixels of misalignment (a wide basin);
+# the sharp level then pins the pose to sub-pixel accuracy.
+BLUR_LEVELS = (3.0, 1.0, 0.0)
+ITERATIONS_PER_LEVEL = 10
+# Finite-difference Jacobian (blurred levels): steps of about half a pixel of image motion at 32x32 (focal ~28 px,
+# scene ~3 m away): long enough to average over the pixel staircase of a point-sampled render.
+DIFFERENCE_STEPS = (0.02, 0.02, 0.02, 0.05, 0.05, 0.05)  # radians x3, metres x3
+DIFFERENCE_MIN_SIGMA = 0.5  # levels blurred at least this much (pixels) use differences, sharper ones autograd
+DAMPING_START = 1e-3  # Levenberg-Marquardt lambda, relative to diag(J^T J)
+DAMPING_UP, DAMPING_DOWN = 4.0, 3.0
+MAX_DAMPING = 1e6
+STEP_TOLERANCE = 1e-5  # radians and metres: a level ends once every camera's next step is smaller than this
+# Robust loss: Huber weights with the threshold at HUBER_K robust standard deviations of the residuals, so the
+# wrong pixels of a generated frame (smudged objects, colour drift) do not drag the pose.
+HUBER_K = 1.345
+HUBER_FLOOR = 0.01  # intensity; keeps the threshold sane when a residual is almost exactly zero
+# Per-channel colour gain the photometric fit may apply to the render (see residuals_and_jacobian); bounded so a
+# flat, textureless frame cannot make the render vanish.
+GAIN_RANGE = (0.5, 2.0)
+RENDER_SUPERSAMPLE = 1
+# Generated frames are softer than renders. How much softer is measured on frame 0 (known pose) among these
+# Gaussian blurs (pixels), and the render is blurred to match (calibrate_blur).
+FRAME_BLUR_CANDIDATES = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # the clips the students learn from are rendered with one ray per pixel: match that
+
+
+def gaussian_blur(images, sigma):
+    """(N, C, H, W) -> same shape, separable Gaussian with replicated borders; sigma 0 returns the input."""
+    if sigma <= 0:
+        return images
+    radius = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-x * x / (2 * sigma * sigma))
+    kernel = kernel / kernel.sum()
+    C = images.shape[1]
+    padded = F.pad(images, (radius, radius, radius, radius), mode="replicate")
+    out = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+
+
+def blur_each(images, sigmas):
+    """(M, ..., H, W) images, sigmas (M,) -> each image blurred by its own sigma (few distinct values)."""
+    out = torch.empty_like(images)
+    for sigma in sigmas.unique().tolist():
+        chosen = sigmas == sigma
+        flat = images[chosen].flatten(0, -4)  # (n, C, H, W)
+        out[chosen] = gaussian_blur(flat, sigma).view_as(images[chosen])
+    return out
+
+
+def so3_exp(omega):
+    """Axis-angle (..., 3) -> rotation matrices (..., 3, 3) (Rodrigues; exact, fine at zero)."""
+    theta = omega.norm(dim=-1, keepdim=True)[..., None]  # (..., 1, 1)
+    zero = torch.zeros_like(omega[..., 0])
+    skew = torch.stack([torch.stack([zero, -omega[..., 2], omega[..., 1]], -1),
+                        torch.stack([omega[..., 2], zero, -omega[..., 0]], -1),
+                        torch.stack([-omega[..., 1], omega[..., 0], zero], -1)], -2)
+    small = theta < 1e-8
+    safe = torch.where(small, torch.ones_like(theta), theta)
+    a = torch.where(small, torch.ones_like(theta), torch.sin(safe) / safe)
+    b = torch.where(small, 0.5 * torch.ones_like(theta), (1 - torch.cos(safe)) / (safe * safe))
+    eye = torch.eye(3, dtype=omega.dtype, device=omega.device).expand_as(skew)
+    return eye + a * skew + b * (skew @ skew)
+
+
+def apply_increment(c2w, delta):
+    """Move cameras c2w (..., 4, 4) by delta (..., 6) = [rotation (axis-angle), translation], both in the
+    camera's own frame: R <- R exp(w), centre <- centre + R tau. Zero delta is the identity."""
+    rotation = c2w[..., :3, :3]
+    new_rotation = rotation @ so3_exp(delta[..., :3])
+    new_centre = c2w[..., :3, 3] + (rotation @ delta[..., 3:, None])[..., 0]
+    return geometry.to_homogeneous(torch.cat([new_rotation, new_centre[..., None]], dim=-1))
+
+
+def relative_motion(c2w_a, c2w_b):
+    return geometry.invert_pose(c2w_a) @ c2w_b
+
+
+def increment_tangents(c2w):
+    """d apply_increment(c2w, delta) / d delta_k at delta = 0, for k = 0..5: (M, 6, 4, 4)."""
+    M = c2w.shape[0]
+    generators = torch.zeros(6, 4, 4, dtype=c2w.dtype)
+    basis = torch.eye(3, dtype=c2w.dtype)
+    for k in range(3):  # rotation: R -> R skew(e_k)
+        generators[k, :3, :3] = torch.linalg.cross(basis[k].expand(3, 3), basis, dim=-1).T
+    for k in range(3):  # translation: centre -> centre + R e_k
+        generators[3 + k, :3, 3] = basis[k]
+    rigid = c2w.clone()
+    rigid[:, :3, 3] = 0  # the tangent of the centre is R e_k: the camera's translation does not enter
+    return rigid[:, None] @ generators[None]  # (M, 6, 4, 4)
+
+
+@dataclass
+class EstimatorConfig:
+    blur_levels: tuple = BLUR_LEVELS
+    iterations_per_level: int = ITERATIONS_PER_LEVEL
+    supersample: int = RENDER_SUPERSAMPLE
+    blur_candidates: tuple = FRAME_BLUR_CANDIDATES
+    difference_min_sigma: float = DIFFERENCE_MIN_SIGMA
+
+
+def render_with_jacobian(scene, K, c2w, H, W, supersample, method):
+    """Images of cameras c2w (M, 4, 4) -> (images (M, 3, H, W), d image / d increment (M, 6, 3, H, W)).
+
+    method "autograd": forward-mode differentiation through the ray-caster; six copies of each camera in one
+    render call, each carrying one tangent. Exact for texture and shading moving across the image, but blind
+    to a silhouette edge that moves (a jump in a point-sampled render). method "differences": central
+    differences over DIFFERENCE_STEPS (about half a pixel), 13 renders per camera; they see edges move, at
+    the price of being approximate. See refine_poses for which is used when.
+    """
+    M = c2w.shape[0]
+    c2w = c2w.float()
+    if method == "autograd":
+        copies = c2w[:, None].expand(M, 6, 4, 4).reshape(-1, 4, 4)
+        with forward_ad.dual_level():
+            dual = forward_ad.make_dual(copies.contiguous(), increment_tangents(c2w).reshape(-1, 4, 4))
+            video, _ = data.render(scene, dual, K, H, W, supersample)
+            image, tangent = forward_ad.unpack_dual(video)  # (6M, 3, H, W) each
+        return image.view(M, 6, 3, H, W)[:, 0], tangent.view(M, 6, 3, H, W)
+    steps = torch.tensor(DIFFERENCE_STEPS)
+    offsets = torch.cat([torch.zeros(1, 6), torch.diag(steps), -torch.diag(steps)])  # (13, 6)
+    probes = apply_increment(c2w[:, None], offsets[None].expand(M, 13, 6))  # (M, 13, 4, 4)
+    video, _ = data.render(scene, probes.reshape(-1, 4, 4), K, H, W, supersample)
+    video = video.view(M, 13, 3, H, W)
+    return video[:, 0], (video[:, 1:7] - video[:, 7:]) / (2 * steps.view(1, 6, 1, 1, 1))
+
+
+def residuals_and_jacobian(scene, K, c2w, targets_blurred, render_sigma, supersample, method="autograd"):
+    """Blurred render of c2w (M, 4, 4), colour-matched, minus blurred targets (M, 3, H, W) -> residuals (M, P),
+    P = 3*H*W, and their Jacobian (M, 6, P) w.r.t. the pose increment (the colour fit held fixed in it).
+    render_sigma (M,): blur of each render, pixels."""
+    M = c2w.shape[0]
+    H, W = targets_blurred.shape[-2:]
+    image, tangent = render_with_jacobian(scene, K, c2w, H, W, supersample, method)
+    image = blur_each(image, render_sigma)
+    jacobian = blur_each(tangent, render_sigma).view(M, 6, 3, H * W)  # blurring is linear: blur the derivative
+    # Generated frames drift in colour. Per frame and channel, the render is first mapped by the gain and offset
+    # that best fit the target (least squares), so only structure, not a colour cast, pulls on the pose.
+    rendered, target = image.flatten(2), targets_blurred.flatten(2)  # (M, 3, H*W)
+    centred = rendered - rendered.mean(-1, keepdim=True)
+    gain = (centred * target).sum(-1) / (centred * centred).sum(-1).clamp(min=1e-8)  # (M, 3)
+    gain = gain.clamp(*GAIN_RANGE)[..., None]
+    offset = target.mean(-1, keepdim=True) - gain * rendered.mean(-1, keepdim=True)
+    residual = gain * rendered + offset - target
+    return residual.flatten(1), (gain[:, None] * jacobian).flatten(2)
+
+
+def huber_weights(residuals):
+    """(M, P) residuals -> (M, P) IRLS weights, threshold from each row's median absolute deviation."""
+    scale = 1.4826 * residuals.abs().median(dim=1, keepdim=True).values
+    threshold = (HUBER_K * scale).clamp(min=HUBER_FLOOR)
+    return (threshold / residuals.abs().clamp(min=1e-12)).clamp(max=1.0)
+
+
+def refine_poses(scene, K, frames, c2w_init, config=EstimatorConfig(), frame_blur=None):
+    """Levenberg-Marquardt of M independent camera poses against M frames of the same scene.
+
+    frames (M, 3, H, W) in [0, 1], c2w_init (M, 4, 4). All M problems are solved together, one ray-casting
+    call per iteration. frame_blur (M,) is how blurred each frame already is (pixels, see calibrate_blur): the
+    render gets that much more blur at every level, so a soft frame is not matched against a sharp render.
+    Returns (c2w (M, 4, 4) float32, cost (M,) robust mean squared residual at the last level).
+    """
+    M = frames.shape[0]
+    frame_blur = torch.zeros(M) if frame_blur is None else frame_blur
+    c2w = c2w_init.float().clone()
+    for sigma in config.blur_levels:
+        targets = gaussian_blur(frames.float(), sigma)  # (M, 3, H, W)
+        render_sigma = (sigma ** 2 + frame_blur ** 2).sqrt()  # Gaussian blurs add in quadrature
+        # Blurred levels: differences, which see silhouettes move and so find the right basin. The sharp level:
+        # the exact texture derivative, which then lands on the minimum (exactly, for a ground-truth frame).
+        method = "differences" if sigma >= config.difference_min_sigma else "autograd"
+        damping = torch.full((M,), DAMPING_START)
+        cost = torch.full((M,), float("inf"))
+        candidate = c2w.clone()
+        settled = torch.zeros(M, dtype=torch.bool)
+        for _ in range(config.iterations_per_level + 1):
+            if bool(settled.all()):
+                break
+            residual_new, jacobian_new = residuals_and_jacobian(scene, K, candidate, targets, render_sigma,
+                                                                config.supersample, method)
+            weights_new = huber_weights(residual_new)
+            cost_new = (weights_new * residual_new ** 2).mean(1)
+            # Keep a candidate only if it lowers the cost; otherwise stay put and damp harder (Marquardt).
+            accepted = cost_new < cost
+            if torch.isinf(cost).all():
+                residual, jacobian, weights = residual_new, jacobian_new, weights_new
+            keep = accepted[:, None]
+            c2w = torch.where(accepted[:, None, None], candidate, c2w)
+            cost = torch.where(accepted, cost_new, cost)
+            residual = torch.where(keep, residual_new, residual)
+            weights = torch.where(keep, weights_new, weights)
+            jacobian = torch.where(keep[..., None], jacobian_new, jacobian)
+            damping = torch.where(accepted, damping / DAMPING_DOWN, (damping * DAMPING_UP).clamp(max=MAX_DAMPING))
+            # Normal equations (J W J^T + lambda diag) delta = -J W r, one 6x6 system per problem.
+            weighted = jacobian * weights[:, None]  # (M, 6, P)
+            normal = weighted @ jacobian.transpose(1, 2)  # (M, 6, 6)
+            gradient = (weighted * residual[:, None]).sum(-1)  # (M, 6)
+            diagonal = torch.diagonal(normal, dim1=1, dim2=2).clamp(min=1e-9)
+            system = normal + torch.diag_embed(damping[:, None] * diagonal)
+            delta = -torch.linalg.solve(system, gradient[..., None])[..., 0]
+            candidate = apply_increment(c2w, delta)
+            # Settled: the next step would move the camera by less than STEP_TOLERANCE (radians / metres), or no
+            # step is taken any more. Settled problems ride along until all are (one render call for all).
+            settled = (delta.abs().amax(1) < STEP_TOLERANCE) | (damping >= MAX_DAMPING)
+    return c2w, cost
+
+def calibrate_blur(scene, K, first_frames, c2w_first, config=EstimatorConfig()):
+    """How blurred each video is, read off its frame 0, whose pose is known: the candidate blur (pixels) under
+    which the render of that pose best matches the frame. first_frames (N, 3, H, W) -> (N,)."""
+    N = first_frames.shape[0]
+    candidates = torch.tensor(config.blur_candidates)
+    poses = c2w_first.float().expand(len(candidates) * N, 4, 4)
+    frames = first_frames.float().repeat(len(candidates), 1, 1, 1)
+    residual, _ = residuals_and_jacobian(scene, K, poses, frames, candidates.repeat_interleave(N), config.supersample)
+    cost = residual.pow(2).mean(1).view(len(candidates), N)
+    return candidates[cost.argmin(0)]
+
+
+def estimate_paths(scene, K, videos, c2w_first, config=EstimatorConfig()):
+    """Camera paths of videos (N, F, 3, H, W) of one known scene -> c2w (N, F, 4, 4).
+
+    Frame 0 is the reference frame, whose pose (c2w_first (4, 4)) the model was given: it is fixed there. Frame f
+    starts from two guesses, the previous estimate and the constant-velocity prediction from the two before;
+    both are refined and the one with the lower photometric cost is kept (a second start for robustness).
+    """
+    N, num_frames = videos.shape[:2]
+    frame_blur = calibrate_blur(scene, K, videos[:, 0], c2w_first, config)  # (N,)
+    paths = c2w_first.float().expand(N, 1, 4, 4).clone()  # (N, 1, 4, 4), grows by one frame per step
+    for f in range(1, num_frames):
+        previous = paths[:, -1]
+        guesses = [previous]
+        if f >= 2:
+            guesses.append(previous @ relative_motion(paths[:, -2], previous))
+        starts = torch.cat(guesses)  # (G*N, 4, 4)
+        frames = videos[:, f].repeat(len(guesses), 1, 1, 1)
+        refined, cost = refine_poses(scene, K, frames, starts, config, frame_blur.repeat(len(guesses)))
+        best = cost.view(len(guesses), N).argmin(0)  # (N,)
+        chosen = refined.view(len(guesses), N, 4, 4)[best, torch.arange(N)]
+        paths = torch.cat([paths, chosen[:, None]], dim=1)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out clips and the cameras each method is given
+
+@dataclass
+class TestClip:
+    seed: int
+    video: torch.Tensor  # (F, 3, H, W) ground truth, kept for scoring
+    c2w: torch.Tensor  # (F, 4, 4) the requested path (the ground-truth one): keyframes of it are given
+    K: torch.Tensor  # (3, 3) pixels
+    prompt: str
+    scene: object  # data.Scene, for the estimator
+
+
+def test_clips(num_clips, num_frames, size, first=0):
+    """The first num_clips clips of the test split (seeds no training run ever draws)."""
+    start = data.SPLIT_SEEDS["test"][0] + first
+    clips = []
+    for seed in range(start, start + num_clips):
+        world = data.sample_world(seed)
+        c2w = torch.tensor(world.path.c2w(data.frame_times(num_frames)), dtype=torch.float32)
+        K = world.intrinsics(size, size)
+        video, _ = data.render(world.scene, c2w, K, size, size)
+        clips.append(TestClip(seed, video, c2w, K, world.scene.prompt(), world.scene))
+    return clips
+
+
+def degrade(video, generator, blur=1.0, noise=0.03, colour=0.1):
+    """A ground-truth video made to look generated: blurred, a colour cast (per-channel gain 1 +- colour and
+    offset +- colour/3), and pixel noise. Used to show the estimator's floor on imperfect frames."""
+    gain = 1 + colour * (2 * torch.rand(1, 3, 1, 1, generator=generator) - 1)
+    offset = colour / 3 * (2 * torch.rand(1, 3, 1, 1, generator=generator) - 1)
+    noisy = gaussian_blur(video, blur) * gain + offset + noise * torch.randn(video.shape, generator=generator)
+    return noisy.clamp(0, 1)
+
+
+def interpolated_path(c2w, ratio, mode):
+    """The path linear / SLERP interpolation of the keyframes at `ratio` would request (a naive guess)."""
+    index = camgeo.keyframe_indices(c2w.shape[0], ratio)
+    return geometry.interpolate_trajectory(c2w[index].double(), index, c2w.shape[0], mode).float()
+
+
+def summarise(values):
+    """list of floats -> 'mean +- std'."""
+    array = np.array(values, dtype=np.float64)
+    return f"{array.mean():.3f} ± {array.std():.3f}"
+
+
+def validate(num_clips, num_frames, size, config, seed=0):
+    """Estimator error on ground-truth videos (clean and degraded) and, for scale, the error of naive paths
+    (camera held at frame 0; linear / SLERP of the keyframes) against the truth. Returns Markdown."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = {}
+    worst = {}
+    start = time.perf_counter()
+    for clip in test_clips(num_clips, num_frames, size):
+        videos = torch.stack([clip.video, degrade(clip.video, generator)])  # (2, F, 3, H, W)
+        estimated = estimate_paths(clip.scene, clip.K, videos, clip.c2w[0], config)
+        candidates = {"estimator, ground-truth video": estimated[0],
+                      "estimator, degraded ground-truth video": estimated[1],
+                      "naive: camera held at frame 0": clip.c2w[:1].expand_as(clip.c2w)}
+        for ratio in (0.5, 1 / 3, 0.25):
+            candidates[f"naive: SLERP of keyframes at 1/{round(1 / ratio)}"] = interpolated_path(clip.c2w, ratio, "slerp")
+            candidates[f"naive: linear of keyframes at 1/{round(1 / ratio)}"] = interpolated_path(clip.c2w, ratio, "linear")
+        for name, path in candidates.items():
+            metrics = geometry.camera_metrics(clip.c2w, path)
+            metrics["centre error (m, mean)"] = (path[:, :3, 3] - clip.c2w[:, :3, 3]).norm(dim=-1).mean().item()
+            rows.setdefault(name, []).append(metrics)
+        for name in list(candidates)[:2]:
+            worst.setdefault(name, []).append((rows[name][-1]["RotErr"], clip.seed))
+        print(f"clip {clip.seed}: estimator RotErr {rows['estimator, ground-truth video'][-1]['RotErr']:.4f} "
+              f"(degraded {rows['estimator, degraded ground-truth video'][-1]['RotErr']:.4f}), "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+    keys = ["RotErr", "TransErr", "CamMC", "centre error (m, mean)"]
+    lines = [f"{num_clips} test clips (seeds {data.SPLIT_SEEDS['test'][0]}..), {num_frames} frames at {size}x{size}; "
+             "mean ± std over clips; RotErr in radians summed over frames, TransErr / CamMC on paths normalised "
+             "by their own largest translation (CamI2V).", "",
+             "| path vs ground truth | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, metrics in rows.items():
+        lines.append(f"| {name} | " + " | ".join(summarise([m[k] for m in metrics]) for k in keys) + " |")
+    for name, pairs in worst.items():
+        value, seed = max(pairs)
+        lines.append(f"\nworst clip for '{name}': seed {seed}, RotErr {value:.4f}")
+    lines.append(f"\nestimation time: {(time.perf_counter() - start) / num_clips:.1f} s per clip (2 videos)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The study: which runs, training them, generating, scoring
+
+METHOD_NAMES = {"full": "Full", "sparse": "Sparse", "linear": "Linear", "slerp": "SLERP", "camgeo": "CamGeo"}
+# Ablations of CamGeo (trained at the first ratio only): name -> (train.py flags, table name). The flags must be
+# train.py's; a flag train.py does not (yet) have is reported and its row skipped, not silently replaced.
+ABLATIONS = {
+    "camgeo_nosmooth": (["--smoothness-weight", "0"], "CamGeo w/o smoothness"),
+    "camgeo_nowarmup": (["--no-warmup"], "CamGeo w/o warm-up"),
+    "camgeo_linsched": (["--schedule", "linear"], "CamGeo linear schedule"),
+}
+SAMPLE_SEED = 1000  # clip i is sampled with seed SAMPLE_SEED + i by every method: same noise, fairer comparison
+GT_RUN = "ground_truth"
+METRICS = ("RotErr", "TransErr", "CamMC", "PSNR", "SSIM")
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+class StudyError(Exception):
+    """A step of the study (a training subprocess) failed; reported as one line with its output's tail."""
+
+
+@dataclass
+class StudyPreset:
+    train_preset: str  # camgeo.PRESETS key: resolution, clip length, model size
+    train_steps: int  # None: train.py's default for the preset
+    clips: int
+    ratios: tuple
+    seeds: tuple
+    ablations: bool
+    sample_steps: int
+    cfg_scale: float
+    estimator: EstimatorConfig
+    train_flags: tuple = ()  # extra train.py flags
+    plot_clips: int = 3
+
+
+STUDY_PRESETS = {
+    # seconds: a few training steps, two clips, a quick estimator; for CI only, the numbers mean nothing
+    "smoke": StudyPreset("smoke", 4, 2, (0.5,), (0,), False, 2, 2.0,
+                         EstimatorConfig(blur_levels=(2.0, 0.0), iterations_per_level=3),
+                         ("--num-clips", "8", "--num-workers", "0"), plot_clips=2),
+    # a few hours on 2 CPU cores: about 12 trainings of train.py's cpu preset (~20 min each), 8 clips
+    "cpu": StudyPreset("cpu", None, 8, (0.5, 0.25), (0,), True, 25, 2.0, EstimatorConfig()),
+    # one GPU for training and sampling (the estimator stays on the CPU)
+    "gpu": StudyPreset("gpu", None, 32, (0.5, 1 / 3, 0.25), (0, 1), True, 50, 2.0, EstimatorConfig()),
+}
+
+
+@dataclass
+class Run:
+    name: str  # folder under OUT/ckpt and file under OUT/runs
+    method: str  # train.py --method
+    ratio: float  # keyframe ratio (1.0 for full)
+    seed: int
+    flags: tuple  # extra train.py flags (ablations)
+    label: str  # row name in the table
+
+
+def ratio_label(ratio):
+    return "all" if ratio >= 1 else f"1/{round(1 / ratio)}"
+
+
+def plan_runs(methods, ratios, seeds, ablations):
+    runs = []
+    for seed in seeds:
+        if "full" in methods:
+            runs.append(Run(f"full_1_{seed}", "full", 1.0, seed, (), "Full"))
+        for ratio in ratios:
+            for method in methods:
+                if method != "full":
+                    runs.append(Run(f"{method}_{ratio:.3g}_{seed}", method, ratio, seed, (), METHOD_NAMES[method]))
+        if ablations:
+            for name, (flags, label) in ABLATIONS.items():
+                runs.append(Run(f"{name}_{ratios[0]:.3g}_{seed}", "camgeo", ratios[0], seed, tuple(flags), label))
+    return runs
+
+
+def train_options():
+    """train.py's --help text: what methods and flags exist right now (train.py is evolving)."""
+    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise StudyError(f"python train.py --help failed: {result.stderr.strip()[-500:]}")
+    return result.stdout
+
+
+def runnable(run, help_text):
+    """None if train.py can train this run, else why not."""
+    methods = help_text.split("--method", 1)[1].split("}", 1)[0] if "--method" in help_text else ""
+    if run.method not in methods:
+        return f"train.py has no --method {run.method}"
+    missing = [flag for flag in run.flags if flag.startswith("--") and flag not in help_text]
+    return f"train.py has no {' '.join(missing)}" if missing else None
+
+
+def train_command(run, preset, out, device, threads):
+    command = [sys.executable, "train.py", "--method", run.method, "--sparse", repr(run.ratio),
+               "--preset", preset.train_preset, "--seed", str(run.seed), "--out", out, "--device", device,
+               "--threads", str(threads), *preset.train_flags, *run.flags]
+    if preset.train_steps is not None:
+        command += ["--steps", str(preset.train_steps)]
+    return command
+
+
+def ensure_checkpoint(run, preset, out_dir, device, threads):
+    """Train run unless OUT/ckpt/<name> already holds a checkpoint made by the same command. -> ckpt path."""
+    folder = os.path.join(out_dir, "ckpt", run.name)
+    ckpt, marker = os.path.join(folder, "ckpt.safetensors"), os.path.join(folder, "evaluate_command.json")
+    command = train_command(run, preset, folder, device, threads)
+    recorded = command[1:]  # the interpreter path may differ between machines
+    if os.path.exists(ckpt) and os.path.exists(marker):
+        with open(marker) as f:
+            if json.load(f) == recorded:
+                print(f"[{run.name}] reusing {ckpt}", flush=True)
+                return ckpt
+    os.makedirs(folder, exist_ok=True)
+    print(f"[{run.name}] training: {' '.join(command[1:])}", flush=True)
+    start = time.perf_counter()
+    with open(os.path.join(folder, "train_output.txt"), "w") as log:
+        result = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0 or not os.path.exists(ckpt):
+        with open(os.path.join(folder, "train_output.txt")) as f:
+            tail = f.read()[-800:]
+        raise StudyError(f"training {run.name} failed (exit {result.returncode}); end of its output:\n{tail}")
+    with open(marker, "w") as f:
+        json.dump(recorded, f)
+    print(f"[{run.name}] trained in {time.perf_counter() - start:.0f} s", flush=True)
+    return ckpt
+
+
+def camera_for(clip, method, ratio, size):
+    """What a checkpoint of `method` is conditioned on for this clip: (1, F, 7, size, size).
+    Sparse-style methods (sparse, camgeo and its ablations) get the keyframe poses and the mask; linear / SLERP
+    get the keyframes interpolated to every frame; full gets every pose."""
+    num_frames = clip.c2w.shape[0]
+    w2c = geometry.invert_pose(clip.c2w)[None]  # (1, F, 4, 4)
+    mask = torch.ones(1, num_frames)
+    if method != "full":
+        mask = torch.zeros(1, num_frames)
+        mask[:, camgeo.keyframe_indices(num_frames, ratio)] = 1
+    if method in ("linear", "slerp"):
+        w2c = camgeo.fill_missing_poses(w2c, mask, method)
+        mask = torch.ones_like(mask)
+    K = camgeo.intrinsics_vector(clip.K)[None, None].expand(1, num_frames, 4)
+    return camgeo.camera_conditioning(w2c, K, mask, size, size)
+
+
+def generate(ckpt, run, clips, preset, device):
+    """Sample every clip (batch of one, fixed seeds) -> (videos (C, F, 3, H, W), seconds per video (C,))."""
+    model, info = camgeo.load_checkpoint(ckpt, weights="ema", device=device)
+    config = info["config"]
+    videos, seconds = [], []
+    for index, clip in enumerate([clips[0]] + clips):  # the first call warms up (allocations, caches): untimed
+        reference = clip.video[0][None].to(device)
+        camera = camera_for(clip, run.method, run.ratio, config.image_size).to(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            video = camgeo.sample(model, reference, [clip.prompt], camera, num_steps=preset.sample_steps,
+                                  cfg_scale=preset.cfg_scale, seed=SAMPLE_SEED + max(index - 1, 0))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if index > 0:
+            seconds.append(time.perf_counter() - start)
+            videos.append(video[0].float().cpu())
+    return torch.stack(videos), torch.tensor(seconds)
+
+
+def score(clips, videos, config):
+    """Estimate each video's path and score it. -> (paths (C, F, 4, 4), metrics (C, 5) in METRICS order)."""
+    paths, rows = [], []
+    for clip, video in zip(clips, videos):
+        path = estimate_paths(clip.scene, clip.K, video[None], clip.c2w[0], config)[0]
+        camera = geometry.camera_metrics(clip.c2w, path)
+        rows.append([camera["RotErr"], camera["TransErr"], camera["CamMC"],
+                     geometry.psnr(video, clip.video).item(), geometry.ssim(video, clip.video).item()])
+        paths.append(path)
+    return torch.stack(paths), torch.tensor(rows, dtype=torch.float64)
+
+
+def evaluate_run(run, ckpt, clips, preset, out_dir, device):
+    """Generate + estimate + score one run, cached in OUT/runs/<name>.pt (redone if anything it depends on
+    changed: the checkpoint file, the clips, the sampling or estimator settings)."""
+    key = json.dumps({"ckpt_mtime": os.path.getmtime(ckpt) if ckpt else None, "clips": [c.seed for c in clips],
+                      "frames": list(clips[0].video.shape), "sample_steps": preset.sample_steps,
+                      "cfg": preset.cfg_scale, "estimator": repr(preset.estimator)})
+    cache = os.path.join(out_dir, "runs", f"{run.name}.pt")
+    if os.path.exists(cache):
+        stored = torch.load(cache, weights_only=True)
+        if stored["key"] == key:
+            return stored
+    start = time.perf_counter()
+    if ckpt is None:  # the ground-truth videos themselves: the estimator's floor
+        videos, seconds = torch.stack([c.video for c in clips]), torch.full((len(clips),), float("nan"))
+    else:
+        videos, seconds = generate(ckpt, run, clips, preset, device)
+    paths, metrics = score(clips, videos, preset.estimator)
+    result = {"key": key, "videos": videos, "seconds": seconds, "paths": paths, "metrics": metrics}
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    torch.save(result, cache)
+    print(f"[{run.name}] RotErr {metrics[:, 0].mean():.3f} TransErr {metrics[:, 1].mean():.3f} "
+          f"CamMC {metrics[:, 2].mean():.3f} PSNR {metrics[:, 3].mean():.2f} SSIM {metrics[:, 4].mean():.3f} "
+          f"({time.perf_counter() - start:.0f} s)", flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Table and pictures
+
+
+def table_rows(runs, results):
+    """One row per (label, ratio): metrics pooled over clips and seeds. Spread over clips (all videos) and, with
+    two or more seeds, the spread of the per-seed means (how much a retrained model moves the number)."""
+    groups = {}
+    for run in runs:
+        if run.name in results:
+            groups.setdefault((run.label, run.ratio), []).append(results[run.name])
+    rows = []
+    for (label, ratio), group in groups.items():
+        metrics = torch.cat([r["metrics"] for r in group])  # (clips * seeds, 5)
+        per_seed = torch.stack([r["metrics"].mean(0) for r in group])  # (seeds, 5)
+        seconds = torch.cat([r["seconds"] for r in group])
+        row = {"method": label, "keyframes": ratio_label(ratio), "clips": group[0]["metrics"].shape[0],
+               "seeds": len(group), "sample_s_per_video": seconds.mean().item()}
+        for i, name in enumerate(METRICS):
+            row[name] = metrics[:, i].mean().item()
+            row[f"{name}_std_clips"] = metrics[:, i].std(unbiased=False).item()
+            row[f"{name}_std_seeds"] = per_seed[:, i].std(unbiased=False).item() if len(group) > 1 else float("nan")
+        rows.append(row)
+    return rows
+
+
+def write_tables(rows, out_dir, notes):
+    columns = ["method", "keyframes", "clips", "seeds"] + [
+        f"{name}{suffix}" for name in METRICS for suffix in ("", "_std_clips", "_std_seeds")] + ["sample_s_per_video"]
+    with open(os.path.join(out_dir, "table.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    arrows = {"RotErr": "↓", "TransErr": "↓", "CamMC": "↓", "PSNR": "↑", "SSIM": "↑"}
+    lines = ["| method | keyframes | " + " | ".join(f"{m} {arrows[m]}" for m in METRICS) + " | sampling s/video |",
+             "|---" * (len(METRICS) + 3) + "|"]
+    for row in rows:
+        cells = []
+        for name in METRICS:
+            cell = f"{row[name]:.3f} ± {row[name + '_std_clips']:.3f}"
+            if not math.isnan(row[name + "_std_seeds"]):
+                cell += f" (seeds ± {row[name + '_std_seeds']:.3f})"
+            cells.append(cell)
+        seconds = "—" if math.isnan(row["sample_s_per_video"]) else f"{row['sample_s_per_video']:.3f}"
+        lines.append(f"| {row['method']} | {row['keyframes']} | " + " | ".join(cells) + f" | {seconds} |")
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+        f.write("\n".join(notes + [""] + lines) + "\n")
+
+
+PALETTE = [(220, 50, 47), (38, 139, 210), (133, 153, 0), (211, 54, 130), (181, 137, 0), (42, 161, 152),
+           (108, 113, 196), (203, 75, 22), (100, 100, 100)]
+
+
+def draw_trajectories(clips, named_paths, path, panel=260):
+    """Top-down (x right, z forward of camera 0) camera centres: requested path in black with its keyframes as
+    circles, each method's estimated path in colour. named_paths: list of (label, (C, F, 4, 4) c2w)."""
+    legend_height = 18 * (len(named_paths) + 1) + 8
+    image = Image.new("RGB", (panel * len(clips), panel + legend_height), "white")
+    draw = ImageDraw.Draw(image)
+    for c, clip in enumerate(clips):
+        tracks = [geometry.relative_to_first(clip.c2w)] + [geometry.relative_to_first(p[c]) for _, p in named_paths]
+        xz = [t[:, [0, 2], 3].numpy() for t in tracks]  # (F, 2) each
+        # fit the requested path (and any estimate within 3x its extent) into the panel
+        reach = max(np.abs(xz[0]).max(), 0.05)
+        extent = max(reach, min(max(np.abs(p).max() for p in xz), 3 * reach)) * 1.15
+        to_pixel = lambda p: (c * panel + panel / 2 + p[0] / extent * panel / 2,
+                              panel / 2 - p[1] / extent * panel / 2)  # forward (z) points up
+        draw.rectangle([c * panel, 0, (c + 1) * panel - 1, panel - 1], outline=(200, 200, 200))
+        for k, track in enumerate(xz):
+            colour = (0, 0, 0) if k == 0 else PALETTE[(k - 1) % len(PALETTE)]
+            points = [to_pixel(np.clip(p, -extent, extent)) for p in track]
+            draw.line(points, fill=colour, width=3 if k == 0 else 2)
+            for x, y in points:
+                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        draw.text((c * panel + 6, 4), f"clip {clip.seed}  (half-width {extent:.2f} m)", fill=(0, 0, 0))
+    y = panel + 6
+    for k, (label, _) in enumerate([("requested (ground truth)", None)] + named_paths):
+        colour = (0, 0, 0) if k == 0 else PALETTE[(k - 1) % len(PALETTE)]
+        draw.line([(8, y + 6), (36, y + 6)], fill=colour, width=3)
+        draw.text((44, y), label, fill=(0, 0, 0))
+        y += 18
+    image.save(path)
+
+
+def draw_frames(clips, named_videos, path, scale=3):
+    """Rows: ground truth, then each method's generated video; columns: frames; one block per clip."""
+    label_width = 170
+    rows = [("ground truth", torch.stack([c.video for c in clips]))] + named_videos
+    num_frames, _, H, W = clips[0].video.shape
+    tile_h, tile_w = H * scale, W * scale
+    image = Image.new("RGB", (label_width + num_frames * tile_w, len(clips) * (len(rows) * tile_h + 12)), "white")
+    draw = ImageDraw.Draw(image)
+    for c in range(len(clips)):
+        top = c * (len(rows) * tile_h + 12)
+        for r, (label, videos) in enumerate(rows):
+            y = top + r * tile_h
+            draw.text((4, y + tile_h // 2 - 6), f"{label}" + (f" ({clips[c].seed})" if r == 0 else ""),
+                      fill=(0, 0, 0))
+            frames = (videos[c].clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            for f, frame in enumerate(frames):
+                tile = Image.fromarray(frame).resize((tile_w, tile_h), Image.NEAREST)
+                image.paste(tile, (label_width + f * tile_w, y))
+    image.save(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def run_study(args):
+    preset = STUDY_PRESETS[args.preset]
+    for name in ("clips", "ratios", "seeds", "sample_steps"):
+        if getattr(args, name) is not None:
+            setattr(preset, name, getattr(args, name))
+    if args.train_steps is not None:
+        preset.train_steps = args.train_steps
+    if args.no_ablations:
+        preset.ablations = False
+    unknown = [m for m in args.methods if m not in METHOD_NAMES]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHOD_NAMES)}")
+    if any(not 0 < r <= 1 for r in preset.ratios):
+        raise ValueError(f"keyframe ratios must be in (0, 1], got {preset.ratios}")
+    os.makedirs(args.out, exist_ok=True)
+    model_config = camgeo.PRESETS[preset.train_preset]
+    clips = test_clips(preset.clips, model_config.num_frames, model_config.image_size)
+    runs = plan_runs(args.methods, preset.ratios, preset.seeds, preset.ablations and "camgeo" in args.methods)
+    help_text = train_options()
+    results, skipped = {}, []
+    for run in runs:
+        reason = runnable(run, help_text)
+        if reason:
+            skipped.append(f"{run.name}: {reason}")
+            print(f"[{run.name}] skipped: {reason}", flush=True)
+            continue
+        ckpt = ensure_checkpoint(run, preset, args.out, args.device, args.threads)
+        results[run.name] = evaluate_run(run, ckpt, clips, preset, args.out, args.device)
+    ground_truth = Run(GT_RUN, "ground truth", 1.0, 0, (), "Ground-truth video (estimator floor)")
+    results[GT_RUN] = evaluate_run(ground_truth, None, clips, preset, args.out, args.device)
+    rows = table_rows(runs + [ground_truth], results)
+    notes = [f"# CamGeo study, preset {args.preset}",
+             f"{len(clips)} held-out test clips (seeds {clips[0].seed}..{clips[-1].seed}), {model_config.num_frames} "
+             f"frames at {model_config.image_size}x{model_config.image_size}; training seeds {list(preset.seeds)}; "
+             f"{preset.sample_steps} sampling steps, CFG {preset.cfg_scale}.",
+             "Camera paths of the generated videos are estimated by analysis by synthesis against the known scene "
+             "(evaluate.estimate_paths; no teacher involved) and compared with the requested path. RotErr (radians), "
+             "TransErr, CamMC are CamI2V's, summed over frames; PSNR / SSIM against the ground-truth video. Cells: "
+             "mean ± std over clips (and over the per-seed means with several seeds). Sampling time: one video, "
+             f"batch of one, on {args.device}. The last row scores the ground-truth videos themselves: the "
+             "estimator's own error."]
+    notes += [f"Skipped: {s}" for s in skipped]
+    write_tables(rows, args.out, notes)
+    # pictures: the first ratio and first seed, plus full
+    shown = [r for r in runs if r.name in results and r.seed == preset.seeds[0]
+             and (r.ratio == preset.ratios[0] or r.method == "full")]
+    few = clips[:preset.plot_clips]
+    draw_trajectories(few, [(f"{r.label} ({ratio_label(r.ratio)})", results[r.name]["paths"][:len(few)])
+                            for r in shown], os.path.join(args.out, "trajectories.png"))
+    draw_frames(few[:2], [(f"{r.label} ({ratio_label(r.ratio)})", results[r.name]["videos"][:2]) for r in shown],
+                os.path.join(args.out, "frames.png"))
+    print(open(os.path.join(args.out, "table.md")).read())
+    print(f"-> {args.out}/table.md, table.csv, trajectories.png, frames.png")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=list(STUDY_PRESETS), default="cpu")
+    parser.add_argument("--out", default=os.path.join("out", "eval"))
+    parser.add_argument("--methods", type=lambda s: s.split(","), default=list(METHOD_NAMES),
+                        help="comma-separated subset of " + ",".join(METHOD_NAMES))
+    parser.add_argument("--ratios", type=lambda s: tuple(float(eval_fraction(x)) for x in s.split(",")),
+                        help="keyframe ratios, e.g. 1/2,1/4 (default: the preset's)")
+    parser.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), help="training seeds")
+    parser.add_argument("--clips", type=int, help="number of held-out test clips")
+    parser.add_argument("--train-steps", type=int, help="override the preset's training steps")
+    parser.add_argument("--sample-steps", type=int, help="Euler steps of the sampler")
+    parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, here and in train.py")
+    parser.add_argument("--validate", action="store_true",
+                        help="only measure the estimator on ground-truth videos (-> OUT/validation.md)")
+    parser.add_argument("--frames", type=int, default=8, help="--validate: frames per clip")
+    parser.add_argument("--size", type=int, default=32, help="--validate: pixels")
+    args = parser.parse_args(argv)
+    if args.clips is not None and args.clips < 1:
+        parser.error(f"--clips must be >= 1, got {args.clips}")
+    return args
+
+
+def eval_fraction(text):
+    """'1/2' or '0.5' -> 0.5, with a one-line error for anything else."""
+    try:
+        if "/" in text:
+            numerator, denominator = text.split("/")
+            return float(numerator) / float(denominator)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a ratio: {text!r} (write 1/2 or 0.5)") from None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.validate:
+        os.makedirs(args.out, exist_ok=True)
+        clips = args.clips or 16
+        report = validate(clips, args.frames, args.size, STUDY_PRESETS[args.preset].estimator)
+        command = "python evaluate.py --validate " + " ".join(sys.argv[1:] if argv is None else argv)
+        with open(os.path.join(args.out, "validation.md"), "w") as f:
+            f.write(f"# Camera estimator validation\n\n`{command}`\n\n{report}\n")
+        print(report)
+        return
+    run_study(args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, StudyError) as error:
+        print(f"evaluate.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
