@@ -59,6 +59,11 @@ PRESETS = {
 # mid t, where predicting the velocity is hardest, and few at the ends, where it is nearly trivial.
 LOGIT_NORMAL_MEAN = 0.0
 LOGIT_NORMAL_STD = 1.0
+# The network outputs the clean video x0_hat and the velocity is derived from it, v_hat = (x_t - x0_hat) / t
+# ("x-prediction", as in Li & He's JiT): in pixel space a 4x4x3 patch of pure noise is hard to pass through the
+# transformer, a clean patch is not. A first version predicting v directly still left visible noise in its
+# samples after 500 steps. In the loss, t is floored here so the rare samples near t = 0 do not dominate.
+VELOCITY_T_MIN = 0.05
 # Translations are divided by the largest keyframe translation norm; this floor keeps a camera that barely
 # moves (pure rotation, hand-shake only) from having its jitter blown up to unit length.
 TRANSLATION_SCALE_FLOOR = 1e-3
@@ -298,12 +303,15 @@ class FinalLayer(nn.Module):
 
 
 class CamGeo(nn.Module):
-    """Velocity predictor v(x_t, t | reference image, prompt, cameras) on videos in [-1, 1].
+    """Denoiser x0_hat(x_t, t | reference image, prompt, cameras) on videos in [-1, 1]; training_losses and
+    sample turn it into the rectified-flow velocity.
 
     Inputs per frame: the noisy frame and the clean reference image concatenated channel-wise (SVD-style: every
     frame sees the reference at every pixel, so copying its content is a local operation), patchified to tokens;
     camera tokens from the Plücker maps are added on top; fixed sin-cos position embeddings for the patch (2D)
-    and the frame (1D). Diffusion time + prompt form the adaLN condition c.
+    and the frame (1D). Diffusion time + prompt form the adaLN condition c. The output is a residual on the
+    reference image, so with the zero-initialised final layer a new model predicts "every frame is the
+    reference" (the repeat-the-image baseline) and learns the change the camera makes.
     """
 
     def __init__(self, config):
@@ -339,7 +347,7 @@ class CamGeo(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: modulation outputs start at zero, so every gate is 0 and each block starts as the identity
         # (a new block cannot disturb the signal until it has learnt something); the final layer starts at zero
-        # so the first prediction is v = 0.
+        # so the first prediction is the reference image at every frame.
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -351,7 +359,7 @@ class CamGeo(nn.Module):
     def forward(self, x_t, t, reference, prompts, camera, force_drop=None):
         """x_t (B, F, 3, H, W) and reference (B, 3, H, W) in [-1, 1]; t (B,); prompts list of B strings;
         camera (B, F, 7, H, W) from camera_conditioning; force_drop (B,) bool drops text and camera together.
-        Returns the predicted velocity (B, F, 3, H, W)."""
+        Returns the predicted clean video x0_hat (B, F, 3, H, W) in [-1, 1] units."""
         B, num_frames, _, H, W = x_t.shape
         p, D = self.config.patch_size, self.config.width
         frames = torch.cat([x_t, reference[:, None].expand(-1, num_frames, -1, -1, -1)], dim=2)  # (B, F, 6, H, W)
@@ -366,7 +374,8 @@ class CamGeo(nn.Module):
         patches = self.final_layer(tokens, c)  # (B, F, h*w, p*p*3)
         h, w = H // p, W // p
         patches = patches.view(B, num_frames, h, w, p, p, 3)
-        return patches.permute(0, 1, 6, 2, 4, 3, 5).reshape(B, num_frames, 3, H, W)
+        change = patches.permute(0, 1, 6, 2, 4, 3, 5).reshape(B, num_frames, 3, H, W)
+        return reference[:, None] + change
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -380,8 +389,10 @@ def training_losses(model, video, prompts, camera, generator=None):
     """Rectified flow (flow matching) on video (B, F, 3, H, W) in [0, 1], frame 0 being the reference image.
 
     x_t = (1 - t) x0 + t eps,  target velocity v = eps - x0,  loss = |v_hat - v|^2 (mean),
-    and the implied clean video x0_hat = x_t - t v_hat, returned with gradients (in [0, 1] units, unclamped)
-    because the geometry distillation looks at it. Returns dict(loss, x0_pred, t, x_t, v_pred).
+    with v_hat = (x_t - x0_hat) / t from the network's clean video x0_hat (so x0_hat = x_t - t v_hat exactly);
+    |v_hat - v| = |x0_hat - x0| / t, and t is floored at VELOCITY_T_MIN in that division.
+    x0_hat is returned with gradients (in [0, 1] units, unclamped) because the geometry distillation looks at it.
+    Returns dict(loss, x0_pred, t, x_t, v_pred).
     """
     x0 = video * 2 - 1
     reference = x0[:, 0]
@@ -394,9 +405,9 @@ def training_losses(model, video, prompts, camera, generator=None):
     force_drop = None
     if model.training and model.config.joint_drop_prob > 0:
         force_drop = torch.rand(B, generator=generator).to(x0.device) < model.config.joint_drop_prob
-    v_pred = model(x_t, t, reference, prompts, camera, force_drop)
-    loss = F.mse_loss(v_pred, noise - x0)
-    x0_pred = x_t - t_ * v_pred
+    x0_pred = model(x_t, t, reference, prompts, camera, force_drop)
+    v_pred = (x_t - x0_pred) / t_
+    loss = ((x0_pred - x0) / t_.clamp_min(VELOCITY_T_MIN)).pow(2).mean()  # = mse(v_pred, eps - x0) for t >= floor
     return {"loss": loss, "x0_pred": (x0_pred + 1) / 2, "t": t, "x_t": x_t, "v_pred": v_pred}
 
 
@@ -421,8 +432,9 @@ def sample(model, reference, prompts, camera, num_steps=25, cfg_scale=2.0, seed=
     times = torch.linspace(1.0, 0.0, num_steps + 1)
     for t, t_next in zip(times[:-1], times[1:]):
         x_in = torch.cat([x, x]) if guided else x
-        v = model(x_in, torch.full((x_in.shape[0],), float(t), device=device), reference, prompts, camera,
-                  force_drop)
+        x0_hat = model(x_in, torch.full((x_in.shape[0],), float(t), device=device), reference, prompts, camera,
+                       force_drop)
+        v = (x_in - x0_hat) / t  # t >= 1 / num_steps here: the loop never evaluates t = 0
         if guided:
             v_cond, v_uncond = v.chunk(2)
             v = v_uncond + cfg_scale * (v_cond - v_uncond)
