@@ -8,8 +8,10 @@ camera path *of the generated video* and compare it with the requested path.
 The camera estimator shares nothing with the distillation teacher (teacher.py): if CamGeo were graded by the
 VGGT it was distilled from, it would be graded by its own tutor. Because the synthetic scene is known exactly,
 we use analysis by synthesis instead: per frame, find the 6-DoF pose from which data.render's image of the true
-scene best matches the generated frame (Levenberg-Marquardt on a robust photometric residual, coarse to fine over
-blur levels, initialised from the previous frames). Frame 0 is the reference frame, whose pose is the given
+scene best matches the generated frame: Levenberg-Marquardt on a robust, colour-matched photometric residual,
+coarse to fine over blur levels (finite-difference Jacobians while blurred, forward-mode derivatives through the
+ray-caster at the sharp level), initialised from the previous frames, with the render blurred as much as the
+video's frame 0 is (calibrated where the pose is known). Frame 0 is the reference frame, whose pose is the given
 frame-0 keyframe, so it is fixed to that pose; the metrics are relative to frame 0 anyway. No other ground-truth
 pose is looked at. `--validate` measures the estimator's own error on ground-truth videos (clean and degraded
 like generated ones) next to the errors of naive paths, so a reader sees its floor against method differences.
@@ -17,16 +19,21 @@ like generated ones) next to the errors of naive paths, so a reader sees its flo
     python evaluate.py --validate --clips 16                 # estimator floor vs naive-path errors
     python evaluate.py --preset smoke --out out/eval_smoke   # the whole study in seconds (CI)
     python evaluate.py --preset cpu --out out/eval           # a few hours on 2 CPU cores
-    python evaluate.py --preset gpu --device cuda --out out/eval_gpu
+    python evaluate.py --preset gpu --device cuda --workers 14 --out out/eval_gpu   # estimator: CPU processes
 
 The study trains what is missing (python train.py ... --out OUT/ckpt/<name>), reuses checkpoints that exist,
 samples every test clip with fixed seeds, estimates, scores, and writes OUT/table.md, OUT/table.csv,
 OUT/trajectories.png (top-down requested vs estimated paths) and OUT/frames.png (generated vs ground truth).
+A checkpoint is reused when OUT/ckpt/<run>/evaluate_command.json records the same train.py command; after a
+change to the model code, delete OUT/ckpt (and OUT/runs, the cached videos and scores) to start afresh.
 """
 import argparse
+import concurrent.futures
 import csv
+import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -66,10 +73,10 @@ HUBER_FLOOR = 0.01  # intensity; keeps the threshold sane when a residual is alm
 # Per-channel colour gain the photometric fit may apply to the render (see residuals_and_jacobian); bounded so a
 # flat, textureless frame cannot make the render vanish.
 GAIN_RANGE = (0.5, 2.0)
-RENDER_SUPERSAMPLE = 1
+RENDER_SUPERSAMPLE = 1  # the clips the students learn from are rendered with one ray per pixel: match that
 # Generated frames are softer than renders. How much softer is measured on frame 0 (known pose) among these
 # Gaussian blurs (pixels), and the render is blurred to match (calibrate_blur).
-FRAME_BLUR_CANDIDATES = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # the clips the students learn from are rendered with one ray per pixel: match that
+FRAME_BLUR_CANDIDATES = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 
 
 def gaussian_blur(images, sigma):
@@ -126,7 +133,6 @@ def relative_motion(c2w_a, c2w_b):
 
 def increment_tangents(c2w):
     """d apply_increment(c2w, delta) / d delta_k at delta = 0, for k = 0..5: (M, 6, 4, 4)."""
-    M = c2w.shape[0]
     generators = torch.zeros(6, 4, 4, dtype=c2w.dtype)
     basis = torch.eye(3, dtype=c2w.dtype)
     for k in range(3):  # rotation: R -> R skew(e_k)
@@ -386,7 +392,7 @@ ABLATIONS = {
     "camgeo_linsched": (["--schedule", "linear"], "CamGeo linear schedule"),
 }
 SAMPLE_SEED = 1000  # clip i is sampled with seed SAMPLE_SEED + i by every method: same noise, fairer comparison
-GT_RUN = "ground_truth"
+GT_RUN, DEGRADED_RUN = "ground_truth", "ground_truth_degraded"
 METRICS = ("RotErr", "TransErr", "CamMC", "PSNR", "SSIM")
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -540,19 +546,30 @@ def generate(ckpt, run, clips, preset, device):
     return torch.stack(videos), torch.tensor(seconds)
 
 
-def score(clips, videos, config):
-    """Estimate each video's path and score it. -> (paths (C, F, 4, 4), metrics (C, 5) in METRICS order)."""
-    paths, rows = [], []
-    for clip, video in zip(clips, videos):
-        path = estimate_paths(clip.scene, clip.K, video[None], clip.c2w[0], config)[0]
-        camera = geometry.camera_metrics(clip.c2w, path)
-        rows.append([camera["RotErr"], camera["TransErr"], camera["CamMC"],
-                     geometry.psnr(video, clip.video).item(), geometry.ssim(video, clip.video).item()])
-        paths.append(path)
-    return torch.stack(paths), torch.tensor(rows, dtype=torch.float64)
+def score_one(clip, video, config):
+    """One generated video -> (estimated path (F, 4, 4), [RotErr, TransErr, CamMC, PSNR, SSIM])."""
+    torch.set_num_threads(1)  # many small tensor calls: a second thread only waits (and workers run in parallel)
+    path = estimate_paths(clip.scene, clip.K, video[None], clip.c2w[0], config)[0]
+    camera = geometry.camera_metrics(clip.c2w, path)
+    return path, [camera["RotErr"], camera["TransErr"], camera["CamMC"],
+                  geometry.psnr(video, clip.video).item(), geometry.ssim(video, clip.video).item()]
 
 
-def evaluate_run(run, ckpt, clips, preset, out_dir, device):
+def score(clips, videos, config, workers=1):
+    """Estimate each video's path and score it, clips in parallel over `workers` processes (the estimator runs
+    on the CPU: data.render is a CPU ray-caster). -> (paths (C, F, 4, 4), metrics (C, 5) in METRICS order)."""
+    if workers > 1:
+        context = multiprocessing.get_context("spawn")  # no forked OpenMP state
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            outputs = list(pool.map(score_one, clips, videos, [config] * len(clips)))
+    else:
+        threads = torch.get_num_threads()
+        outputs = [score_one(clip, video, config) for clip, video in zip(clips, videos)]
+        torch.set_num_threads(threads)
+    return torch.stack([o[0] for o in outputs]), torch.tensor([o[1] for o in outputs], dtype=torch.float64)
+
+
+def evaluate_run(run, ckpt, clips, preset, out_dir, device, workers=1):
     """Generate + estimate + score one run, cached in OUT/runs/<name>.pt (redone if anything it depends on
     changed: the checkpoint file, the clips, the sampling or estimator settings)."""
     key = json.dumps({"ckpt_mtime": os.path.getmtime(ckpt) if ckpt else None, "clips": [c.seed for c in clips],
@@ -564,11 +581,13 @@ def evaluate_run(run, ckpt, clips, preset, out_dir, device):
         if stored["key"] == key:
             return stored
     start = time.perf_counter()
-    if ckpt is None:  # the ground-truth videos themselves: the estimator's floor
+    if ckpt is None:  # the ground-truth videos themselves, clean or degraded: the estimator's floor
         videos, seconds = torch.stack([c.video for c in clips]), torch.full((len(clips),), float("nan"))
+        if run.name == DEGRADED_RUN:
+            videos = torch.stack([degrade(c.video, torch.Generator().manual_seed(c.seed)) for c in clips])
     else:
         videos, seconds = generate(ckpt, run, clips, preset, device)
-    paths, metrics = score(clips, videos, preset.estimator)
+    paths, metrics = score(clips, videos, preset.estimator, workers)
     result = {"key": key, "videos": videos, "seconds": seconds, "paths": paths, "metrics": metrics}
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     torch.save(result, cache)
@@ -632,9 +651,9 @@ PALETTE = [(220, 50, 47), (38, 139, 210), (133, 153, 0), (211, 54, 130), (181, 1
            (108, 113, 196), (203, 75, 22), (100, 100, 100)]
 
 
-def draw_trajectories(clips, named_paths, path, panel=260):
-    """Top-down (x right, z forward of camera 0) camera centres: requested path in black with its keyframes as
-    circles, each method's estimated path in colour. named_paths: list of (label, (C, F, 4, 4) c2w)."""
+def draw_trajectories(clips, named_paths, path, keyframes=(), panel=260):
+    """Top-down (x right, z forward of camera 0) camera centres: requested path in black with the given keyframes
+    ringed, each method's estimated path in colour. named_paths: list of (label, (C, F, 4, 4) c2w)."""
     legend_height = 18 * (len(named_paths) + 1) + 8
     image = Image.new("RGB", (panel * len(clips), panel + legend_height), "white")
     draw = ImageDraw.Draw(image)
@@ -653,9 +672,13 @@ def draw_trajectories(clips, named_paths, path, panel=260):
             draw.line(points, fill=colour, width=3 if k == 0 else 2)
             for x, y in points:
                 draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+            if k == 0:
+                for f in keyframes:
+                    x, y = points[f]
+                    draw.ellipse([x - 6, y - 6, x + 6, y + 6], outline=(0, 0, 0), width=2)
         draw.text((c * panel + 6, 4), f"clip {clip.seed}  (half-width {extent:.2f} m)", fill=(0, 0, 0))
     y = panel + 6
-    for k, (label, _) in enumerate([("requested (ground truth)", None)] + named_paths):
+    for k, (label, _) in enumerate([("requested (ground truth); rings: keyframes given", None)] + named_paths):
         colour = (0, 0, 0) if k == 0 else PALETTE[(k - 1) % len(PALETTE)]
         draw.line([(8, y + 6), (36, y + 6)], fill=colour, width=3)
         draw.text((44, y), label, fill=(0, 0, 0))
@@ -689,7 +712,7 @@ def draw_frames(clips, named_videos, path, scale=3):
 
 
 def run_study(args):
-    preset = STUDY_PRESETS[args.preset]
+    preset = dataclasses.replace(STUDY_PRESETS[args.preset])  # a copy: the options below override it
     for name in ("clips", "ratios", "seeds", "sample_steps"):
         if getattr(args, name) is not None:
             setattr(preset, name, getattr(args, name))
@@ -715,10 +738,12 @@ def run_study(args):
             print(f"[{run.name}] skipped: {reason}", flush=True)
             continue
         ckpt = ensure_checkpoint(run, preset, args.out, args.device, args.threads)
-        results[run.name] = evaluate_run(run, ckpt, clips, preset, args.out, args.device)
-    ground_truth = Run(GT_RUN, "ground truth", 1.0, 0, (), "Ground-truth video (estimator floor)")
-    results[GT_RUN] = evaluate_run(ground_truth, None, clips, preset, args.out, args.device)
-    rows = table_rows(runs + [ground_truth], results)
+        results[run.name] = evaluate_run(run, ckpt, clips, preset, args.out, args.device, args.workers)
+    floors = [Run(GT_RUN, "", 1.0, 0, (), "Ground-truth video (estimator floor)"),
+              Run(DEGRADED_RUN, "", 1.0, 0, (), "Degraded ground-truth video (estimator floor)")]
+    for run in floors:
+        results[run.name] = evaluate_run(run, None, clips, preset, args.out, args.device, args.workers)
+    rows = table_rows(runs + floors, results)
     notes = [f"# CamGeo study, preset {args.preset}",
              f"{len(clips)} held-out test clips (seeds {clips[0].seed}..{clips[-1].seed}), {model_config.num_frames} "
              f"frames at {model_config.image_size}x{model_config.image_size}; training seeds {list(preset.seeds)}; "
@@ -727,8 +752,9 @@ def run_study(args):
              "(evaluate.estimate_paths; no teacher involved) and compared with the requested path. RotErr (radians), "
              "TransErr, CamMC are CamI2V's, summed over frames; PSNR / SSIM against the ground-truth video. Cells: "
              "mean ± std over clips (and over the per-seed means with several seeds). Sampling time: one video, "
-             f"batch of one, on {args.device}. The last row scores the ground-truth videos themselves: the "
-             "estimator's own error."]
+             f"batch of one, on {args.device}. The last two rows score the ground-truth videos themselves, as "
+             "rendered and degraded like a generated video (evaluate.degrade): the estimator's own error, the "
+             "smallest method difference the table can resolve."]
     notes += [f"Skipped: {s}" for s in skipped]
     write_tables(rows, args.out, notes)
     # pictures: the first ratio and first seed, plus full
@@ -736,7 +762,8 @@ def run_study(args):
              and (r.ratio == preset.ratios[0] or r.method == "full")]
     few = clips[:preset.plot_clips]
     draw_trajectories(few, [(f"{r.label} ({ratio_label(r.ratio)})", results[r.name]["paths"][:len(few)])
-                            for r in shown], os.path.join(args.out, "trajectories.png"))
+                            for r in shown], os.path.join(args.out, "trajectories.png"),
+                      camgeo.keyframe_indices(model_config.num_frames, preset.ratios[0]).tolist())
     draw_frames(few[:2], [(f"{r.label} ({ratio_label(r.ratio)})", results[r.name]["videos"][:2]) for r in shown],
                 os.path.join(args.out, "frames.png"))
     print(open(os.path.join(args.out, "table.md")).read())
@@ -758,6 +785,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, here and in train.py")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes estimating cameras in parallel (CPU; e.g. 8 on a 16-core GPU machine)")
     parser.add_argument("--validate", action="store_true",
                         help="only measure the estimator on ground-truth videos (-> OUT/validation.md)")
     parser.add_argument("--frames", type=int, default=8, help="--validate: frames per clip")

@@ -89,7 +89,8 @@ def test_smoke_study_writes_the_table_with_one_row_per_method_and_the_estimator_
     with open(os.path.join(smoke_study, "table.csv")) as f:
         rows = list(csv.DictReader(f))
     assert [(r["method"], r["keyframes"]) for r in rows] == [
-        ("Sparse", "1/2"), ("Ground-truth video (estimator floor)", "all")]
+        ("Sparse", "1/2"), ("Ground-truth video (estimator floor)", "all"),
+        ("Degraded ground-truth video (estimator floor)", "all")]
     for row in rows:
         for name in evaluate.METRICS:
             assert float(row[name]) == float(row[name])  # a number, not NaN
