@@ -58,6 +58,19 @@ class VGGTConfig:
     camera_iterations: int = 4           # refinement steps of the camera head
     gradient_checkpointing: bool = False  # recompute aggregator blocks in backward (training only)
 
+    def __post_init__(self):
+        if self.patch_embed not in ("conv", "dinov2"):
+            raise ValueError(f"patch_embed must be 'conv' or 'dinov2', got {self.patch_embed!r}")
+        if self.embed_dim % self.num_heads or (self.embed_dim // self.num_heads) % 4:
+            raise ValueError(f"embed_dim / num_heads must be a multiple of 4 (2D RoPE), got "
+                             f"{self.embed_dim} / {self.num_heads}")
+        if len(self.dpt_out_channels) != 4 or len(self.dpt_intermediate_layer_idx) != 4:
+            raise ValueError("the DPT heads read exactly 4 layers: dpt_out_channels and "
+                             "dpt_intermediate_layer_idx need 4 entries each")
+        if not all(0 <= i < self.depth for i in self.dpt_intermediate_layer_idx):
+            raise ValueError(f"dpt_intermediate_layer_idx {self.dpt_intermediate_layer_idx} must lie in "
+                             f"0..{self.depth - 1}")
+
 
 # The released facebook/VGGT-1B: DINOv2 ViT-L/14 with 4 registers, 24 alternating block pairs.
 VGGT_1B = VGGTConfig()
@@ -525,6 +538,8 @@ def teacher_geometry(model, video):
       intrinsics (B, F, 3, 3) in pixels of H x W, depth (B, F, H, W), depth_conf (B, F, H, W).
     Differentiable w.r.t. the video.
     """
+    if video.dim() not in (4, 5) or video.shape[-3] != 3:
+        raise ValueError(f"teacher_geometry expects video (B, F, 3, H, W) or (F, 3, H, W), got {tuple(video.shape)}")
     unbatched = video.dim() == 4
     if unbatched:
         video = video.unsqueeze(0)
@@ -590,7 +605,12 @@ def load_vggt(path, config=None):
     Config: the file's metadata if it has one, else `config`, else the VGGT_1B preset.
     """
     state, file_config = _read_checkpoint(path)
-    config = VGGTConfig(**file_config) if file_config is not None else (config or VGGT_1B)
+    if file_config is not None:
+        unknown = file_config.keys() - VGGTConfig.__dataclass_fields__.keys()
+        if unknown:
+            raise ValueError(f"{path}: config in metadata has unknown fields {sorted(unknown)}")
+        config = VGGTConfig(**file_config)
+    config = config or VGGT_1B
     # Build without allocating (the 1B model is 5 GB in float32), then adopt the file's tensors.
     with torch.device("meta"):
         model = VGGT(config)
@@ -612,16 +632,15 @@ def load_vggt(path, config=None):
     # The teacher runs in float32; half-precision files are upcast.
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in theirs.items()},
                           assign=True)
-    model.aggregator.patch_embed.requires_grad_(True)
-    if config.patch_embed == "dinov2":
-        model.aggregator.patch_embed.mask_token.requires_grad_(False)
     return model
 
 
-def save_teacher(model, path):
-    """Weights in the official key layout, with the config as JSON in the file's metadata."""
+def save_teacher(model, path, dtype=None):
+    """Weights in the official key layout, with the config as JSON in the file's metadata.
+    dtype (e.g. torch.float16) casts the stored weights; load_vggt upcasts them to float32 again."""
     from safetensors.torch import save_file
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous()
+             for k, v in model.state_dict().items()}
     save_file(state, path, metadata={"config": json.dumps(asdict(model.config))})
 
 
@@ -713,14 +732,15 @@ def train_small_teacher(args):
         losses = {"camera": camera_loss(out["pose_enc_list"], pose_enc),
                   "depth": confidence_loss(out["depth"], out["depth_conf"], depth[..., None]),
                   "points": confidence_loss(out["world_points"], out["world_points_conf"], points)}
-        loss = losses["camera"] + losses["depth"] + args.point_weight * losses["points"]
+        loss = args.camera_weight * losses["camera"] + losses["depth"] + args.point_weight * losses["points"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         progress.set_postfix({k: f"{v.item():.3f}" for k, v in losses.items()})
-    save_teacher(model, args.out)
+    # float16 halves the file we ship; the teacher still runs in float32 after loading.
+    save_teacher(model, args.out, dtype=torch.float16 if args.half else None)
     print(f"saved {args.out}")
 
 
@@ -796,14 +816,16 @@ def main():
     parser.add_argument("--train", action="store_true", help="train SMALL_TEACHER and save it to --out")
     parser.add_argument("--eval", metavar="CHECKPOINT", help="evaluate a teacher checkpoint on the test split")
     parser.add_argument("--out", default="teacher_small.safetensors")
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=8e-4)
+    parser.add_argument("--camera-weight", type=float, default=5.0, help="weight of the camera loss (VGGT: 5)")
     parser.add_argument("--point-weight", type=float, default=1.0, help="weight of the point-map loss (0: untrained)")
     parser.add_argument("--train-clips", type=int, default=4000, help="training clips rendered once and cached")
     parser.add_argument("--eval-clips", type=int, default=200)
+    parser.add_argument("--half", action="store_true", help="store the trained weights as float16")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

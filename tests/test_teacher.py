@@ -171,6 +171,23 @@ def test_saved_teacher_reloads_with_its_config_from_metadata(tmp_path):
         assert torch.equal(model(images)["pose_enc"], loaded(images)["pose_enc"])
 
 
+def test_half_precision_file_loads_as_float32(tmp_path):
+    model = VGGT(TINY)
+    path = str(tmp_path / "half.safetensors")
+    save_teacher(model, path, dtype=torch.float16)
+    loaded = load_vggt(path)
+    weight = "aggregator.frame_blocks.0.attn.qkv.weight"
+    assert loaded.state_dict()[weight].dtype == torch.float32
+    assert torch.equal(loaded.state_dict()[weight], model.state_dict()[weight].half().float())
+
+
+def test_invalid_config_is_a_value_error():
+    with pytest.raises(ValueError, match="patch_embed"):
+        VGGTConfig(patch_embed="vit")
+    with pytest.raises(ValueError, match="dpt_intermediate_layer_idx"):
+        VGGTConfig(depth=4)  # the VGGT-1B taps [4, 11, 17, 23] do not exist in 4 layers
+
+
 def test_outputs_have_the_official_shapes():
     model = VGGT(TINY).eval()
     with torch.no_grad():
