@@ -421,8 +421,10 @@ STUDY_PRESETS = {
     "smoke": StudyPreset("smoke", 4, 2, (0.5,), (0,), False, 2, 2.0,
                          EstimatorConfig(blur_levels=(2.0, 0.0), iterations_per_level=3),
                          ("--num-clips", "8", "--num-workers", "0"), plot_clips=2),
-    # a few hours on 2 CPU cores: about 12 trainings of train.py's cpu preset (~20 min each), 8 clips
-    "cpu": StudyPreset("cpu", None, 8, (0.5, 0.25), (0,), True, 25, 2.0, EstimatorConfig()),
+    # hours on 2 CPU cores: 12 trainings of train.py's cpu preset (~20 min each; 9 with --no-ablations), then
+    # 14 x 8 videos to sample (~3 s each) and estimate (~25 s each): about 5 hours in all
+    "cpu": StudyPreset("cpu", None, 8, (0.5, 0.25), (0,), True, 25, 2.0, EstimatorConfig(),
+                       ("--num-clips", "1024")),  # half train.py's pool: rendering it is a tenth of a run
     # one GPU for training and sampling (the estimator stays on the CPU)
     "gpu": StudyPreset("gpu", None, 32, (0.5, 1 / 3, 0.25), (0, 1), True, 50, 2.0, EstimatorConfig()),
 }
@@ -756,6 +758,12 @@ def run_study(args):
              "rendered and degraded like a generated video (evaluate.degrade): the estimator's own error, the "
              "smallest method difference the table can resolve."]
     notes += [f"Skipped: {s}" for s in skipped]
+    # the paper's cost claim: the teacher is gone at inference, so CamGeo samples exactly as fast as Sparse
+    timing = {(r["method"], r["keyframes"]): r["sample_s_per_video"] for r in rows}
+    for (method, keyframes), seconds in timing.items():
+        if method == "CamGeo" and ("Sparse", keyframes) in timing:
+            notes.append(f"Sampling time CamGeo / Sparse at {keyframes}: {seconds / timing[('Sparse', keyframes)]:.3f}.")
+    notes.append(f"teacher.py imported by this process while sampling: {'yes' if 'teacher' in sys.modules else 'no'}.")
     write_tables(rows, args.out, notes)
     # pictures: the first ratio and first seed, plus full
     shown = [r for r in runs if r.name in results and r.seed == preset.seeds[0]
