@@ -22,7 +22,7 @@ like generated ones) next to the errors of naive paths, so a reader sees its flo
     python evaluate.py --preset gpu --device cuda --workers 14 --out out/eval_gpu   # estimator: CPU processes
 
 The study trains what is missing (python train.py ... --out OUT/ckpt/<name>), reuses checkpoints that exist,
-samples every test clip with fixed seeds, estimates, scores, and writes OUT/table.md, OUT/table.csv,
+samples every test clip with fixed seeds, estimates, scores, and writes OUT/table.md, OUT/table.csv, OUT/per_clip.csv,
 OUT/trajectories.png (top-down requested vs estimated paths) and OUT/frames.png (generated vs ground truth).
 A checkpoint is reused when OUT/ckpt/<run>/evaluate_command.json records the same train.py command; after a
 change to the model code, delete OUT/ckpt (and OUT/runs, the cached videos and scores) to start afresh.
@@ -336,9 +336,9 @@ def interpolated_path(c2w, ratio, mode):
 
 
 def summarise(values):
-    """list of floats -> 'mean +- std'."""
+    """list of floats -> 'mean ± std (median)'."""
     array = np.array(values, dtype=np.float64)
-    return f"{array.mean():.3f} ± {array.std():.3f}"
+    return f"{array.mean():.3f} ± {array.std():.3f} ({np.median(array):.3f})"
 
 
 def validate(num_clips, num_frames, size, config, seed=0):
@@ -368,7 +368,7 @@ def validate(num_clips, num_frames, size, config, seed=0):
               f"{time.perf_counter() - start:.0f} s", flush=True)
     keys = ["RotErr", "TransErr", "CamMC", "centre error (m, mean)"]
     lines = [f"{num_clips} test clips (seeds {data.SPLIT_SEEDS['test'][0]}..), {num_frames} frames at {size}x{size}; "
-             "mean ± std over clips; RotErr in radians summed over frames, TransErr / CamMC on paths normalised "
+             "mean ± std (median) over clips; RotErr in radians summed over frames, TransErr / CamMC on paths normalised "
              "by their own largest translation (CamI2V).", "",
              "| path vs ground truth | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, metrics in rows.items():
@@ -765,6 +765,15 @@ def run_study(args):
             notes.append(f"Sampling time CamGeo / Sparse at {keyframes}: {seconds / timing[('Sparse', keyframes)]:.3f}.")
     notes.append(f"teacher.py imported by this process while sampling: {'yes' if 'teacher' in sys.modules else 'no'}.")
     write_tables(rows, args.out, notes)
+    with open(os.path.join(args.out, "per_clip.csv"), "w", newline="") as f:  # every video, for other statistics
+        writer = csv.writer(f)
+        writer.writerow(["run", "method", "keyframes", "train_seed", "clip_seed", *METRICS, "sample_s"])
+        for run in runs + floors:
+            if run.name in results:
+                result = results[run.name]
+                for clip, values, seconds in zip(clips, result["metrics"].tolist(), result["seconds"].tolist()):
+                    writer.writerow([run.name, run.label, ratio_label(run.ratio), run.seed, clip.seed,
+                                     *[f"{v:.6g}" for v in values], f"{seconds:.6g}"])
     # pictures: the first ratio and first seed, plus full
     shown = [r for r in runs if r.name in results and r.seed == preset.seeds[0]
              and (r.ratio == preset.ratios[0] or r.method == "full")]
@@ -775,7 +784,7 @@ def run_study(args):
     draw_frames(few[:2], [(f"{r.label} ({ratio_label(r.ratio)})", results[r.name]["videos"][:2]) for r in shown],
                 os.path.join(args.out, "frames.png"))
     print(open(os.path.join(args.out, "table.md")).read())
-    print(f"-> {args.out}/table.md, table.csv, trajectories.png, frames.png")
+    print(f"-> {args.out}/table.md, table.csv, per_clip.csv, trajectories.png, frames.png")
 
 
 def parse_args(argv=None):
@@ -823,7 +832,7 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         clips = args.clips or 16
         report = validate(clips, args.frames, args.size, STUDY_PRESETS[args.preset].estimator)
-        command = "python evaluate.py --validate " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = "python evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv)
         with open(os.path.join(args.out, "validation.md"), "w") as f:
             f.write(f"# Camera estimator validation\n\n`{command}`\n\n{report}\n")
         print(report)

@@ -100,6 +100,22 @@ def test_smoke_study_writes_the_table_with_one_row_per_method_and_the_estimator_
     assert "| Sparse | 1/2 |" in table and "estimator floor" in table
 
 
+def test_smoke_study_writes_one_line_per_video(smoke_study):
+    with open(os.path.join(smoke_study, "per_clip.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert sorted({r["run"] for r in rows}) == ["ground_truth", "ground_truth_degraded", "sparse_0.5_0"]
+    assert len(rows) == 3 * evaluate.STUDY_PRESETS["smoke"].clips
+
+
+def test_validation_puts_the_estimator_below_a_still_camera():
+    config = evaluate.EstimatorConfig(blur_levels=(2.0, 0.0), iterations_per_level=4)
+    report = evaluate.validate(1, 4, 16, config)
+    rows = {line.split(" | ")[0].strip("| "): line for line in report.splitlines() if line.startswith("| ")}
+    rot_err = lambda name: float(rows[name].split(" | ")[1].split(" ")[0])
+    assert rot_err("estimator, ground-truth video") < rot_err("naive: camera held at frame 0") / 10
+    assert "naive: SLERP of keyframes at 1/4" in rows
+
+
 def test_smoke_study_draws_trajectories_and_frames(smoke_study):
     for name in ("trajectories.png", "frames.png"):
         with Image.open(os.path.join(smoke_study, name)) as image:
