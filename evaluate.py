@@ -236,7 +236,7 @@ def refine_poses(scene, K, frames, c2w_init, config=EstimatorConfig(), frame_blu
             cost_new = (weights_new * residual_new ** 2).mean(1)
             # Keep a candidate only if it lowers the cost; otherwise stay put and damp harder (Marquardt).
             accepted = cost_new < cost
-            if torch.isinf(cost).all():
+            if torch.isinf(cost).all():  # first evaluation at this level: there is nothing to keep yet
                 residual, jacobian, weights = residual_new, jacobian_new, weights_new
             keep = accepted[:, None]
             c2w = torch.where(accepted[:, None, None], candidate, c2w)
@@ -258,6 +258,7 @@ def refine_poses(scene, K, frames, c2w_init, config=EstimatorConfig(), frame_blu
             settled = (delta.abs().amax(1) < STEP_TOLERANCE) | (damping >= MAX_DAMPING)
     return c2w, cost
 
+
 def calibrate_blur(scene, K, first_frames, c2w_first, config=EstimatorConfig()):
     """How blurred each video is, read off its frame 0, whose pose is known: the candidate blur (pixels) under
     which the render of that pose best matches the frame. first_frames (N, 3, H, W) -> (N,)."""
@@ -265,7 +266,8 @@ def calibrate_blur(scene, K, first_frames, c2w_first, config=EstimatorConfig()):
     candidates = torch.tensor(config.blur_candidates)
     poses = c2w_first.float().expand(len(candidates) * N, 4, 4)
     frames = first_frames.float().repeat(len(candidates), 1, 1, 1)
-    residual, _ = residuals_and_jacobian(scene, K, poses, frames, candidates.repeat_interleave(N), config.supersample)
+    residual, _ = residuals_and_jacobian(scene, K, poses, frames, candidates.repeat_interleave(N), config.supersample,
+                                         "differences")
     cost = residual.pow(2).mean(1).view(len(candidates), N)
     return candidates[cost.argmin(0)]
 
@@ -298,7 +300,7 @@ def estimate_paths(scene, K, videos, c2w_first, config=EstimatorConfig()):
 # Held-out clips and the cameras each method is given
 
 @dataclass
-class TestClip:
+class HeldOutClip:
     seed: int
     video: torch.Tensor  # (F, 3, H, W) ground truth, kept for scoring
     c2w: torch.Tensor  # (F, 4, 4) the requested path (the ground-truth one): keyframes of it are given
@@ -307,7 +309,7 @@ class TestClip:
     scene: object  # data.Scene, for the estimator
 
 
-def test_clips(num_clips, num_frames, size, first=0):
+def held_out_clips(num_clips, num_frames, size, first=0):
     """The first num_clips clips of the test split (seeds no training run ever draws)."""
     start = data.SPLIT_SEEDS["test"][0] + first
     clips = []
@@ -316,7 +318,7 @@ def test_clips(num_clips, num_frames, size, first=0):
         c2w = torch.tensor(world.path.c2w(data.frame_times(num_frames)), dtype=torch.float32)
         K = world.intrinsics(size, size)
         video, _ = data.render(world.scene, c2w, K, size, size)
-        clips.append(TestClip(seed, video, c2w, K, world.scene.prompt(), world.scene))
+        clips.append(HeldOutClip(seed, video, c2w, K, world.scene.prompt(), world.scene))
     return clips
 
 
@@ -348,15 +350,16 @@ def validate(num_clips, num_frames, size, config, seed=0):
     rows = {}
     worst = {}
     start = time.perf_counter()
-    for clip in test_clips(num_clips, num_frames, size):
+    for clip in held_out_clips(num_clips, num_frames, size):
         videos = torch.stack([clip.video, degrade(clip.video, generator)])  # (2, F, 3, H, W)
         estimated = estimate_paths(clip.scene, clip.K, videos, clip.c2w[0], config)
         candidates = {"estimator, ground-truth video": estimated[0],
                       "estimator, degraded ground-truth video": estimated[1],
                       "naive: camera held at frame 0": clip.c2w[:1].expand_as(clip.c2w)}
         for ratio in (0.5, 1 / 3, 0.25):
-            candidates[f"naive: SLERP of keyframes at 1/{round(1 / ratio)}"] = interpolated_path(clip.c2w, ratio, "slerp")
-            candidates[f"naive: linear of keyframes at 1/{round(1 / ratio)}"] = interpolated_path(clip.c2w, ratio, "linear")
+            for mode, name in (("slerp", "SLERP"), ("linear", "linear")):
+                label = f"naive: {name} of keyframes at {ratio_label(ratio)}"
+                candidates[label] = interpolated_path(clip.c2w, ratio, mode)
         for name, path in candidates.items():
             metrics = geometry.camera_metrics(clip.c2w, path)
             metrics["centre error (m, mean)"] = (path[:, :3, 3] - clip.c2w[:, :3, 3]).norm(dim=-1).mean().item()
@@ -368,8 +371,8 @@ def validate(num_clips, num_frames, size, config, seed=0):
               f"{time.perf_counter() - start:.0f} s", flush=True)
     keys = ["RotErr", "TransErr", "CamMC", "centre error (m, mean)"]
     lines = [f"{num_clips} test clips (seeds {data.SPLIT_SEEDS['test'][0]}..), {num_frames} frames at {size}x{size}; "
-             "mean ± std (median) over clips; RotErr in radians summed over frames, TransErr / CamMC on paths normalised "
-             "by their own largest translation (CamI2V).", "",
+             "mean ± std (median) over clips; RotErr in radians summed over frames, TransErr / CamMC on paths "
+             "normalised by their own largest translation (CamI2V).", "",
              "| path vs ground truth | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, metrics in rows.items():
         lines.append(f"| {name} | " + " | ".join(summarise([m[k] for m in metrics]) for k in keys) + " |")
@@ -729,7 +732,7 @@ def run_study(args):
         raise ValueError(f"keyframe ratios must be in (0, 1], got {preset.ratios}")
     os.makedirs(args.out, exist_ok=True)
     model_config = camgeo.PRESETS[preset.train_preset]
-    clips = test_clips(preset.clips, model_config.num_frames, model_config.image_size)
+    clips = held_out_clips(preset.clips, model_config.num_frames, model_config.image_size)
     runs = plan_runs(args.methods, preset.ratios, preset.seeds, preset.ablations and "camgeo" in args.methods)
     help_text = train_options()
     results, skipped = {}, []
@@ -762,7 +765,8 @@ def run_study(args):
     timing = {(r["method"], r["keyframes"]): r["sample_s_per_video"] for r in rows}
     for (method, keyframes), seconds in timing.items():
         if method == "CamGeo" and ("Sparse", keyframes) in timing:
-            notes.append(f"Sampling time CamGeo / Sparse at {keyframes}: {seconds / timing[('Sparse', keyframes)]:.3f}.")
+            ratio = seconds / timing[("Sparse", keyframes)]
+            notes.append(f"Sampling time CamGeo / Sparse at {keyframes}: {ratio:.3f}.")
     notes.append(f"teacher.py imported by this process while sampling: {'yes' if 'teacher' in sys.modules else 'no'}.")
     write_tables(rows, args.out, notes)
     with open(os.path.join(args.out, "per_clip.csv"), "w", newline="") as f:  # every video, for other statistics

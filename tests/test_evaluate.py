@@ -30,7 +30,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def clip():
-    return evaluate.test_clips(1, 4, 32)[0]
+    return evaluate.held_out_clips(1, 4, 32)[0]
 
 
 def test_estimator_recovers_a_perturbed_pose_of_a_ground_truth_frame(clip):
@@ -72,7 +72,7 @@ def test_camera_given_to_each_method_matches_training(clip, method):
 
 
 def test_test_clips_come_from_the_held_out_split():
-    clips = evaluate.test_clips(2, 4, 16)
+    clips = evaluate.held_out_clips(2, 4, 16)
     low, high = data.SPLIT_SEEDS["test"]
     assert all(low <= c.seed < high for c in clips)
     assert torch.equal(clips[1].video, data.render_clip(clips[1].seed, 4, 16, 16)["video"])
