@@ -632,6 +632,7 @@ def table_rows(runs, results):
                "seeds": len(group), "sample_s_per_video": seconds.mean().item()}
         for i, name in enumerate(METRICS):
             row[name] = metrics[:, i].mean().item()
+            row[f"{name}_median"] = metrics[:, i].quantile(0.5).item()
             row[f"{name}_std_clips"] = metrics[:, i].std(unbiased=False).item()
             row[f"{name}_std_seeds"] = per_seed[:, i].std(unbiased=False).item() if len(group) > 1 else float("nan")
         rows.append(row)
@@ -640,7 +641,8 @@ def table_rows(runs, results):
 
 def write_tables(rows, out_dir, notes):
     columns = ["method", "keyframes", "clips", "seeds"] + [
-        f"{name}{suffix}" for name in METRICS for suffix in ("", "_std_clips", "_std_seeds")] + ["sample_s_per_video"]
+        f"{name}{suffix}" for name in METRICS for suffix in ("", "_median", "_std_clips", "_std_seeds")] + [
+        "sample_s_per_video"]
     with open(os.path.join(out_dir, "table.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
@@ -652,7 +654,7 @@ def write_tables(rows, out_dir, notes):
     for row in rows:
         cells = []
         for name in METRICS:
-            cell = f"{row[name]:.3f} ± {row[name + '_std_clips']:.3f}"
+            cell = f"{row[name]:.3f} ± {row[name + '_std_clips']:.3f} ({row[name + '_median']:.3f})"
             if not math.isnan(row[name + "_std_seeds"]):
                 cell += f" (seeds ± {row[name + '_std_seeds']:.3f})"
             cells.append(cell)
@@ -766,7 +768,8 @@ def run_study(args):
              "Camera paths of the generated videos are estimated by analysis by synthesis against the known scene "
              "(evaluate.estimate_paths; no teacher involved) and compared with the requested path. RotErr (radians), "
              "TransErr, CamMC are CamI2V's, summed over frames; PSNR / SSIM against the ground-truth video. Cells: "
-             "mean ± std over clips (and over the per-seed means with several seeds). Sampling time: one video, "
+             "mean ± std over clips (median) (and the std of the per-seed means with several seeds); the estimator "
+             "has a few ill-conditioned clips (see --validate), so read the medians too. Sampling time: one video, "
              f"batch of one, on {args.device}. The last two rows score the ground-truth videos themselves, as "
              "rendered and degraded like a generated video (evaluate.degrade): the estimator's own error, the "
              "smallest method difference the table can resolve."]
