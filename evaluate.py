@@ -24,7 +24,7 @@ like generated ones) next to the errors of naive paths, so a reader sees its flo
 The study trains what is missing (python train.py ... --out OUT/ckpt/<name>), reuses checkpoints that exist,
 samples every test clip with fixed seeds, estimates, scores, and writes OUT/table.md, OUT/table.csv, OUT/per_clip.csv,
 OUT/trajectories.png (top-down requested vs estimated paths) and OUT/frames.png (generated vs ground truth).
-A checkpoint is reused when OUT/ckpt/<run>/evaluate_command.json records the same train.py command; after a
+A checkpoint is reused when OUT/ckpt/<run>/evaluate_command.json records the same train.py options; after a
 change to the model code, delete OUT/ckpt (and OUT/runs, the cached videos and scores) to start afresh.
 """
 import argparse
@@ -503,7 +503,10 @@ def ensure_checkpoint(run, preset, out_dir, device, threads):
     folder = os.path.join(out_dir, "ckpt", run.name)
     ckpt, marker = os.path.join(folder, "ckpt.safetensors"), os.path.join(folder, "evaluate_command.json")
     command = train_command(run, preset, folder, device, threads)
-    recorded = command[1:]  # the interpreter path may differ between machines
+    # What the weights depend on: the command without the interpreter, the folder, the device and the threads
+    # (so a moved study folder or another --threads still reuses its checkpoints).
+    where = {"--out", "--device", "--threads"}
+    recorded = [a for i, a in enumerate(command) if i > 0 and a not in where and command[i - 1] not in where]
     if os.path.exists(ckpt) and os.path.exists(marker):
         with open(marker) as f:
             if json.load(f) == recorded:
