@@ -2,7 +2,8 @@
 
 Read top to bottom: config and presets, the conditioning (keyframes, camera -> Plücker maps, prompt -> tokens),
 the embedders, the DiT-style blocks, the model, then the diffusion (rectified flow) training loss and the
-Euler sampler with classifier-free guidance, and finally the checkpoint loader used by sample.py.
+Euler sampler with classifier-free guidance, the CamGeo distillation (teacher gate, L_traj, the fused L_geo,
+the curriculum), and finally the checkpoint loader used by sample.py.
 
 Pixel space, no latent autoencoder: frames are tiny (32x32 by default), a 4x4 patch is only 48 numbers, and no
 pretrained VAE exists on these machines; training one would double the code for no gain at this size.
@@ -115,6 +116,17 @@ def intrinsics_vector(K):
     return torch.stack([K[..., 0, 0], K[..., 1, 1], K[..., 0, 2], K[..., 1, 2]], dim=-1)
 
 
+def keyframe_relative_c2w(w2c, keyframe_mask):
+    """w2c (B, F, 3|4, 4) -> c2w (B, F, 4, 4) relative to frame 0 (c2w_0 = I), translations divided by the
+    largest camera-centre norm among the keyframes (keyframe_mask (B, F)), floored at TRANSLATION_SCALE_FLOOR.
+    The one normalisation of the poses the student is given and of the trajectories L_traj compares."""
+    c2w = geometry.relative_to_first(geometry.invert_pose(geometry.to_homogeneous(w2c)))
+    translation = c2w[..., :3, 3]  # (B, F, 3)
+    scale = (translation.norm(dim=-1) * keyframe_mask).amax(dim=-1).clamp_min(TRANSLATION_SCALE_FLOOR)  # (B,)
+    return torch.cat([torch.cat([c2w[..., :3, :3], (translation / scale[:, None, None])[..., None]], -1),
+                      c2w[..., 3:, :]], dim=-2)
+
+
 def camera_conditioning(w2c, K, keyframe_mask, height, width):
     """Camera input of the denoiser: Plücker maps at keyframes, zeros elsewhere, plus the mask as a channel.
 
@@ -132,11 +144,7 @@ def camera_conditioning(w2c, K, keyframe_mask, height, width):
     # below sees a singular matrix, then mask their embedding out anyway
     eye = torch.eye(4, dtype=w2c.dtype, device=w2c.device).expand_as(w2c)
     w2c = torch.where(mask[..., None, None] > 0, w2c, eye)
-    c2w = geometry.relative_to_first(geometry.invert_pose(w2c))
-    translation = c2w[..., :3, 3]  # (B, F, 3)
-    scale = (translation.norm(dim=-1) * mask).amax(dim=-1).clamp_min(TRANSLATION_SCALE_FLOOR)  # (B,)
-    c2w = torch.cat([torch.cat([c2w[..., :3, :3], (translation / scale[:, None, None])[..., None]], -1),
-                     c2w[..., 3:, :]], dim=-2)
+    c2w = keyframe_relative_c2w(w2c, mask)
     plucker = geometry.plucker_embedding(K, c2w, height, width)  # (B, F, 6, H, W)
     mask_map = mask[..., None, None, None].expand(-1, -1, 1, height, width)  # (B, F, 1, H, W)
     return torch.cat([plucker * mask_map, mask_map], dim=2)
@@ -403,8 +411,9 @@ def training_losses(model, video, prompts, camera, generator=None):
     t_ = t.view(B, 1, 1, 1, 1)
     x_t = (1 - t_) * x0 + t_ * noise
     force_drop = None
-    if model.training and model.config.joint_drop_prob > 0:
-        force_drop = torch.rand(B, generator=generator).to(x0.device) < model.config.joint_drop_prob
+    config = getattr(model, "module", model).config  # the model itself, or the one DistributedDataParallel wraps
+    if model.training and config.joint_drop_prob > 0:
+        force_drop = torch.rand(B, generator=generator).to(x0.device) < config.joint_drop_prob
     x0_pred = model(x_t, t, reference, prompts, camera, force_drop)
     v_pred = (x_t - x0_pred) / t_
     loss = ((x0_pred - x0) / t_.clamp_min(VELOCITY_T_MIN)).pow(2).mean()  # = mse(v_pred, eps - x0) for t >= floor
@@ -440,6 +449,272 @@ def sample(model, reference, prompts, camera, num_steps=25, cfg_scale=2.0, seed=
             v = v_uncond + cfg_scale * (v_cond - v_uncond)
         x = x + (t_next - t) * v
     return ((x + 1) / 2).clamp(0, 1)
+
+
+# -----------------------------------------------------------------------------
+# CamGeo distillation
+#
+# train.py runs the frozen teacher (teacher.py) on the student's predicted video; everything here works on the
+# tensors it returns, so this file never imports the teacher. One function per equation: teacher_weight (the gate
+# on the noise level), trajectory_loss (L_traj), geometry_loss (L_geo, all frame pairs fused in one function that
+# train.py compiles), curriculum_weights (alpha, beta) and total_loss (L_total).
+#
+# Choices the paper leaves open (each is an option of train.py):
+# The teacher reads the student's clean-video prediction x0_hat. Past SNR = 1 (t = 0.5 in rectified flow, where
+# noise and signal weigh the same in x_t) x0_hat is a blurred guess that no geometry model can read; below it the
+# weight ramps linearly to 1 at t = 0, so the teacher's word counts most where the frames are legible.
+TEACHER_T_MAX = 0.5
+# At most this fraction of each batch goes through the teacher (rounded up, so at least one clip): one teacher
+# forward + backward of a clip costs ~20% of a whole Sparse step of 8 clips on CPU (bench.py), so an eighth keeps
+# a CamGeo step within 1.3x of a Sparse step; the distillation loss is a mean over the clips shown either way.
+TEACHER_BATCH_FRACTION = 0.125
+# The teacher's fields of view are clamped to this range before its cameras are used: its FoV output has a ReLU
+# floor, and a FoV of 0 is an infinite focal length that turns every projection into NaN (early in training the
+# student's blurry frames do get such readings). The range is far wider than any real camera's.
+TEACHER_FOV_RANGE_DEG = (10.0, 150.0)
+# Frame spans k of the pairs (f, f + k) in L_geo; spans >= the clip length are dropped. Span 1 keeps
+# neighbours consistent, span 4 (half the default 8-frame clip) ties distant frames together against drift.
+GEO_SPANS = (1, 2, 4)
+# w = exp(gamma k): a mild extra tilt toward long spans (x1.25 for k = 4 vs k = 1) on top of lambda(k).
+GEO_GAMMA = 0.075
+# w = exp(-eta |grad I|_1), |grad I|_1 in [0, 1] image units (mean over RGB of |dI/dx| + |dI/dy|): a strong
+# edge (0.3) gets weight 0.22, a flat region 1. Edges are where depth is discontinuous and occlusions begin.
+GEO_ETA = 5.0
+# Scale alignment of the sampled depth to the warped depth: least squares (gradient reaches every valid
+# pixel, and it is two sums, which fuse) rather than a median (gradient to a single pixel, a sort).
+GEO_SCALE_MODE = "lstsq"
+# Weight of the trajectory-smoothness term inside L_geo (0: the "w/o smoothness" ablation).
+GEO_SMOOTHNESS_WEIGHT = 1.0
+# Curriculum, as fractions of the run. Phase 1 (warm-up, diffusion only) ends at 10%; alpha (distillation
+# on) is centred at 20%, beta (trajectory -> depth) at 50%; each sigmoid rises over about +-3 widths.
+CURRICULUM_WARMUP = 0.1
+CURRICULUM_ALPHA_MID = 0.2
+CURRICULUM_BETA_MID = 0.5
+CURRICULUM_WIDTH = 0.03
+
+
+def teacher_weight(t, t_max=TEACHER_T_MAX):
+    """Per-clip weight of the distillation losses at flow time t (B,): w(t) = max(0, 1 - t / t_max).
+
+    The teacher gate: at t >= t_max the predicted frames are too blurred for the teacher to read, and a loss on
+    its reading would teach the student the teacher's guesses; such clips are not shown to the teacher at all.
+    Below t_max the weight grows linearly as the frames sharpen (a soft gate: no jump in the loss at t_max).
+    """
+    if not 0.0 < t_max <= 1.0:
+        raise ValueError(f"teacher t_max must be in (0, 1], got {t_max}")
+    return (1 - t / t_max).clamp(min=0)
+
+
+def select_teacher_clips(weights, fraction=TEACHER_BATCH_FRACTION):
+    """Indices (n,) of the clips the teacher looks at this step: those of positive weight, at most
+    ceil(fraction * B) of them, in batch order (the batch order is already random)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"teacher batch fraction must be in (0, 1], got {fraction}")
+    open_clips = (weights > 0).nonzero().flatten()
+    return open_clips[: math.ceil(fraction * weights.shape[0])]
+
+
+def teacher_cameras(pose_enc, image_size_hw):
+    """The teacher's pose encodings (B, F, 9) -> (w2c (B, F, 3, 4), K (B, F, 3, 3) in pixels of image_size_hw),
+    geometry.pose_encoding_to_extri_intri with both fields of view clamped to TEACHER_FOV_RANGE_DEG."""
+    low, high = (math.radians(d) for d in TEACHER_FOV_RANGE_DEG)
+    fov = pose_enc[..., 7:].clamp(low, high)
+    return geometry.pose_encoding_to_extri_intri(torch.cat([pose_enc[..., :7], fov], dim=-1), image_size_hw)
+
+
+def trajectory_loss(pred_w2c, pred_K, gt_w2c, gt_K, keyframe_mask, image_size_hw):
+    """Keyframe trajectory distillation, per clip (B,):
+
+        L_traj = mean_{s in S, s != 0} |phi(R_hat_s) - phi(R_s)|_1 + |T_hat_s - T_s|_1 + |K_hat_s - K_s|_1
+
+    pred_w2c (B, F, 3|4, 4), pred_K (B, F, 3, 3): the teacher's cameras of the predicted video;
+    gt_w2c (B, F, 4, 4), gt_K (B, 3, 3) or (B, F, 3, 3): the true ones; keyframe_mask (B, F), frame 0 set.
+    Both trajectories get the same treatment (VGGT's world is its first frame and its scale is its own):
+    made relative to frame 0, translations divided by the trajectory's largest keyframe camera-centre norm
+    (keyframe_relative_c2w: the scale camera_conditioning gives the student), then encoded as VGGT does (geometry.extri_intri_to_pose_encoding): T = w2c translation, phi = XYZW unit
+    quaternion with w >= 0, K compared as the two fields of view in radians (resolution-free).
+    The predicted quaternion is also flipped onto the ground truth's hemisphere: near 180 degrees w ~ 0 and
+    standardisation alone can pick opposite signs for the same rotation. Frame 0 is identity on both sides.
+    """
+    if keyframe_mask.shape != gt_w2c.shape[:2] or pred_w2c.shape[:2] != gt_w2c.shape[:2]:
+        raise ValueError(f"trajectory_loss: keyframe_mask {tuple(keyframe_mask.shape)}, predicted "
+                         f"{tuple(pred_w2c.shape)} and true {tuple(gt_w2c.shape)} poses disagree on (B, F)")
+    mask = keyframe_mask.to(pred_w2c.dtype)
+    if gt_K.dim() == 3:
+        gt_K = gt_K[:, None].expand(-1, gt_w2c.shape[1], 3, 3)
+    pred_w2c = geometry.invert_pose(keyframe_relative_c2w(pred_w2c, mask))
+    gt_w2c = geometry.invert_pose(keyframe_relative_c2w(gt_w2c, mask))
+    pred = geometry.extri_intri_to_pose_encoding(pred_w2c, pred_K, image_size_hw)  # (B, F, 9)
+    gt = geometry.extri_intri_to_pose_encoding(gt_w2c, gt_K, image_size_hw)
+    q_pred, q_gt = pred[..., 3:7], gt[..., 3:7]
+    q_pred = torch.where((q_pred * q_gt).sum(-1, keepdim=True) < 0, -q_pred, q_pred)
+    error = ((pred[..., :3] - gt[..., :3]).abs().sum(-1) + (q_pred - q_gt).abs().sum(-1)
+             + (pred[..., 7:] - gt[..., 7:]).abs().sum(-1))  # (B, F)
+    weight = mask.clone()
+    weight[:, 0] = 0
+    return (error * weight).sum(-1) / weight.sum(-1).clamp(min=1)
+
+
+def span_pairs(num_frames, spans, gamma=GEO_GAMMA):
+    """The pairs (f, f + k), k in spans (those < num_frames), and their weights, as tensors of length P:
+    first, second (frame indices), following (index of the pair (f + k, f + 2k), or -1 if it does not exist),
+    depth_weight = lambda(k) exp(gamma k) / (pairs of span k), smooth_weight = lambda(k) exp(gamma k) /
+    (pairs of span k that have a following pair), 0 for those that do not.
+    lambda(k) = k / sum_{k' in spans} k': the span selector favours long spans (they anchor frames far apart
+    and stop drift), normalised so the weights of a clip's spans sum to 1 whatever the clip length."""
+    usable = sorted({int(k) for k in spans if 0 < int(k) < num_frames})
+    if not usable:
+        raise ValueError(f"no usable span in {tuple(spans)} for clips of {num_frames} frames (need 0 < k < F)")
+    first, span = [], []
+    for k in usable:
+        first += list(range(num_frames - k))
+        span += [k] * (num_frames - k)
+    index = {(f, k): i for i, (f, k) in enumerate(zip(first, span))}
+    following = [index.get((f + k, k), -1) for f, k in zip(first, span)]
+    depth_weight, smooth_weight = [], []
+    for k, nxt in zip(span, following):
+        span_weight = k / sum(usable) * math.exp(gamma * k)
+        depth_weight.append(span_weight / (num_frames - k))
+        with_following = max(0, num_frames - 2 * k)
+        smooth_weight.append(span_weight / with_following if nxt >= 0 else 0.0)
+    first = torch.tensor(first)
+    return (first, first + torch.tensor(span), torch.tensor(following),
+            torch.tensor(depth_weight, dtype=torch.float64), torch.tensor(smooth_weight, dtype=torch.float64))
+
+
+def image_gradient_l1(frames):
+    """|grad I|_1 per pixel: mean over channels of |I(x+1) - I(x)| + |I(y+1) - I(y)| (zero past the
+    last row / column). frames (..., C, H, W) -> (..., H, W)."""
+    dx = torch.nn.functional.pad((frames[..., :, 1:] - frames[..., :, :-1]).abs(), (0, 1))
+    dy = torch.nn.functional.pad((frames[..., 1:, :] - frames[..., :-1, :]).abs(), (0, 0, 0, 1))
+    return (dx + dy).mean(dim=-3)
+
+
+def geometry_loss(depth, w2c, K, frames, spans=GEO_SPANS, gamma=GEO_GAMMA, eta=GEO_ETA,
+                  scale_mode=GEO_SCALE_MODE, smoothness_weight=GEO_SMOOTHNESS_WEIGHT):
+    """Cross-frame consistency distillation for all pairs of a batch at once, per clip (B,):
+
+        L_geo = sum_{f,k} lambda(k) w_{f,f+k} ( |D_hat_{f+k} - W(D_hat_f, dE_{f,f+k}, K_hat)|_1
+                                               + |Delta(C_hat_{f+k}, C_hat_f)|_1 )
+        w_{f,f+k} = exp(gamma k) exp(-eta |grad I_f|_1),   lambda(k) = k / sum_{k' in spans} k'.
+
+    depth (B, F, H, W), w2c (B, F, 3|4, 4), K (B, F, 3, 3): the teacher's depth and cameras of the predicted
+    video frames (B, F, 3, H, W) in [0, 1]. Returns (L_geo, depth term, smoothness term), each (B,).
+
+    Depth term, per pair: W unprojects frame f's pixels with D_hat_f and K_f, moves them by
+    dE = w2c_{f+k} c2w_f and projects with K_{f+k}, giving uv and the warped depth z; D_hat_{f+k} is sampled
+    bilinearly at uv, aligned in scale to z (scale_mode: "lstsq" or "median"), and the residual is divided
+    by median(z): r = |s D'_{f+k} - z| / median(z), scale-free like geometry.depth_consistency_residual
+    (which this equals for a shared K and w = 1). Per pair: sum of w r over valid pixels / number of valid
+    pixels; pairs are averaged within a span, then summed over spans with lambda(k) exp(gamma k).
+    The edge weight exp(-eta |grad I_f|_1) is detached: otherwise the network could lower the loss by
+    painting edges where the depths disagree.
+
+    Smoothness term, our reading: |Delta(C_{f+k}, C_f)|_1 taken literally is the size of the relative
+    motion and would fight every camera move the student is asked for. We penalise its *change* instead
+    (second order): |dE_{f+k,f+2k} - dE_{f,f+k}|_1 over the 3x4 [R|t] entries, with translations divided by
+    the trajectory's largest camera-centre norm (the teacher's scale is its own). A constant-velocity
+    camera (in its own frame) costs nothing. Weighted by lambda(k) exp(gamma k), averaged within a span.
+
+    One function with no Python loop over pairs (index tensors gather all pairs at once), so that
+    torch.compile can fuse it; train.py compiles it.
+    """
+    if scale_mode not in ("lstsq", "median"):
+        raise ValueError(f"scale_mode must be 'lstsq' or 'median', got {scale_mode!r}")
+    B, num_frames, H, W = depth.shape
+    first, second, following, depth_weight, smooth_weight = (
+        x.to(depth.device) for x in span_pairs(num_frames, spans, gamma))
+    depth_weight, smooth_weight = depth_weight.to(depth.dtype), smooth_weight.to(depth.dtype)
+    num_pairs = first.shape[0]
+    w2c = geometry.to_homogeneous(w2c)  # (B, F, 4, 4)
+    c2w = geometry.invert_pose(w2c)
+
+    # depth term: every pair of every clip as one batch of N = B * P warps
+    relative = w2c[:, second] @ c2w[:, first]  # (B, P, 4, 4) camera f -> camera f + k
+    # W(D_f)(u) = K_{f+k} (R D_f(u) K_f^-1 [u, 1] + t): compose the per-pair part once, (B, P, 3, 4)
+    # [K_{f+k} R K_f^-1 | K_{f+k} t], then each pixel costs 12 multiply-adds on (N, H, W) planes, a layout
+    # that vectorises along image rows (a trailing xyz dim of size 3 does not). Equals geometry.project_depth.
+    pixel_map = K[:, second] @ torch.cat([relative[..., :3, :3] @ torch.linalg.inv(K[:, first]),
+                                         relative[..., :3, 3:]], dim=-1)
+    pixel_map = pixel_map.flatten(0, 1)[:, :, :, None, None]  # (N, 3, 4, 1, 1)
+    u, v = geometry.pixel_centers(H, W, dtype=depth.dtype, device=depth.device).unbind(-1)  # (H, W) each
+    # pairs of one span are two slices of the clip; slices (not an index gather) keep the backward a plain add
+    usable_spans = sorted({int(k) for k in spans if 0 < int(k) < num_frames})
+    depth_a = torch.cat([depth[:, :num_frames - k] for k in usable_spans], dim=1).flatten(0, 1)  # (N, H, W)
+    depth_b = torch.cat([depth[:, k:] for k in usable_spans], dim=1).flatten(0, 1)
+    x, y, z = (depth_a * (row[:, 0] * u + row[:, 1] * v + row[:, 2]) + row[:, 3] for row in pixel_map.unbind(1))
+    z_safe = torch.where(z > geometry.DEPTH_EPS, z, torch.full_like(z, geometry.DEPTH_EPS))
+    uv = torch.stack([x / z_safe, y / z_safe], dim=-1)  # (N, H, W, 2) pixels of frame f + k
+    # Far outside the image every point is invalid anyway; bounding uv keeps grid_sample's backward on finite
+    # coordinates (with NaN / huge ones it indexes out of bounds: NaN gradients, or a crash).
+    uv = torch.nan_to_num(uv, nan=-float(H + W)).clamp(-float(H + W), 2.0 * (H + W))
+    sampled_b = geometry.sample_at(depth_b[:, None], uv)[:, 0]  # (N, H, W)
+    valid = (geometry.in_view(uv, H, W, geometry.CONSISTENCY_VIEW_MARGIN) & (z > geometry.DEPTH_EPS)
+             & (depth_a > geometry.DEPTH_EPS) & (sampled_b > geometry.DEPTH_EPS) & torch.isfinite(z)
+             & torch.isfinite(sampled_b))
+    scale = geometry.align_depth_scale(sampled_b, z, valid, scale_mode)  # (N,)
+    z_median = geometry._masked_median(z, valid)
+    usable = torch.isfinite(z_median) & (z_median > geometry.DEPTH_EPS)
+    z_median = torch.where(usable, z_median, torch.ones_like(z_median))
+    residual = (scale[:, None, None] * sampled_b - z).abs() / z_median[:, None, None]
+    edge_weight = torch.exp(-eta * image_gradient_l1(frames.detach()))  # (B, F, H, W)
+    edge_weight = torch.cat([edge_weight[:, :num_frames - k] for k in usable_spans], dim=1).flatten(0, 1)
+    weighted = torch.where(valid, edge_weight * residual, torch.zeros_like(residual))
+    per_pair = weighted.flatten(1).sum(-1) / valid.flatten(1).sum(-1).clamp(min=1)  # (N,)
+    depth_term = (per_pair.view(B, num_pairs) * depth_weight).sum(-1)  # (B,)
+
+    # smoothness term: change of relative motion between consecutive pairs of the same span
+    centres = geometry.relative_to_first(c2w)[..., :3, 3]
+    motion_scale = centres.norm(dim=-1).amax(dim=-1).clamp_min(1e-3)  # (B,)
+    motion = torch.cat([relative[..., :3, :3], relative[..., :3, 3:] / motion_scale[:, None, None, None]], -1)
+    change = (motion[:, following.clamp(min=0)] - motion).abs().flatten(2).sum(-1)  # (B, P)
+    smooth_term = (change * smooth_weight).sum(-1)  # (B,)
+    return depth_term + smoothness_weight * smooth_term, depth_term, smooth_term
+
+
+def curriculum_weights(step, total_steps, schedule="sigmoid", warmup=True, warmup_fraction=CURRICULUM_WARMUP,
+                       alpha_mid=CURRICULUM_ALPHA_MID, beta_mid=CURRICULUM_BETA_MID, width=CURRICULUM_WIDTH):
+    """Coarse-to-fine curriculum -> (alpha, beta) python floats for
+
+        L_total = L_diff + alpha(step) [(1 - beta(step)) L_traj + beta(step) L_geo]
+
+    alpha(s) = sigma((s / N - alpha_mid) / width) when geometry switches on, beta(s) = sigma((s / N - beta_mid)
+    / width) the move from trajectory to depth (N = total_steps, sigma the logistic sigmoid).
+    Phase 1 (warm-up, s < warmup_fraction N): alpha = 0 exactly, diffusion only. Phase 2 (alpha up, beta
+    low): the trajectory. Phase 3 (beta up): cross-frame depth consistency.
+    schedule="linear": the same midpoints and the same slope at the midpoint (1 / (4 width)), clipped to
+    [0, 1]: clamp(0.5 + (s / N - mid) / (4 width), 0, 1) (the paper's linear-vs-sigmoid ablation).
+    warmup=False: alpha = 1 from the first step (the "w/o warm-up" ablation); beta is unchanged.
+    """
+    if schedule not in ("sigmoid", "linear"):
+        raise ValueError(f"curriculum schedule must be 'sigmoid' or 'linear', got {schedule!r}")
+    if total_steps < 1 or width <= 0:
+        raise ValueError(f"need total_steps >= 1 and width > 0, got {total_steps} and {width}")
+    progress = step / total_steps
+
+    def ramp(mid):
+        x = (progress - mid) / width
+        if schedule == "linear":
+            return min(1.0, max(0.0, 0.5 + x / 4))
+        return 1 / (1 + math.exp(-x))
+
+    if not warmup:
+        alpha = 1.0
+    elif progress < warmup_fraction:
+        alpha = 0.0
+    else:
+        alpha = ramp(alpha_mid)
+    return alpha, ramp(beta_mid)
+
+
+def total_loss(loss_diff, loss_traj, loss_geo, alpha, beta, geo_gate="beta"):
+    """L_total = L_diff + alpha [(1 - beta) L_traj + beta L_geo]   (geo_gate="beta", the default: L_geo waits
+    for phase 3 as the paper's phases describe), or the printed L_diff + alpha [(1 - beta) L_traj + L_geo]
+    (geo_gate="printed", L_geo on as soon as alpha is)."""
+    if geo_gate not in ("beta", "printed"):
+        raise ValueError(f"geo_gate must be 'beta' or 'printed', got {geo_gate!r}")
+    geo_factor = beta if geo_gate == "beta" else 1.0
+    return loss_diff + alpha * ((1 - beta) * loss_traj + geo_factor * loss_geo)
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,357 @@
+"""The CamGeo distillation (camgeo.py): teacher gate, L_traj, the fused L_geo (eager and compiled), curriculum."""
+import math
+
+import pytest
+import torch
+
+import camgeo
+import data
+import geometry
+
+H = W = 16
+
+
+def rotation_about(axis, angle):
+    axis = torch.tensor(axis, dtype=torch.float64)
+    axis = axis / axis.norm()
+    q = torch.cat([axis * math.sin(angle / 2), torch.tensor([math.cos(angle / 2)], dtype=torch.float64)])
+    return geometry.quat_to_mat(q)
+
+
+def pose(R, t):
+    return geometry.to_homogeneous(torch.cat([R, torch.as_tensor(t, dtype=R.dtype)[:, None]], dim=-1))
+
+
+def smooth_trajectory(num_frames, batch=1, seed=0, dtype=torch.float64):
+    """w2c (B, F, 4, 4) of a camera turning and moving a little each frame, with random per-frame jitter."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=dtype) + 0.05 * torch.randn(batch, num_frames, 4, generator=g,
+                                                                             dtype=dtype)
+    t = 0.3 * torch.randn(batch, num_frames, 3, generator=g, dtype=dtype)
+    return geometry.to_homogeneous(torch.cat([geometry.quat_to_mat(q), t[..., None]], dim=-1))
+
+
+def intrinsics(batch, num_frames, focal=14.0, dtype=torch.float64):
+    K = torch.tensor([[focal, 0, W / 2], [0, focal, H / 2], [0, 0, 1]], dtype=dtype)
+    return K.expand(batch, num_frames, 3, 3).clone()
+
+
+def keyframes(batch, num_frames, index):
+    mask = torch.zeros(batch, num_frames, dtype=torch.float64)
+    mask[:, index] = 1
+    return mask
+
+
+# -----------------------------------------------------------------------------
+# teacher gate
+
+
+def test_teacher_weight_is_one_when_clean_and_zero_from_t_max_on():
+    t = torch.tensor([0.0, 0.25, 0.5, 0.9])
+    assert torch.allclose(camgeo.teacher_weight(t, t_max=0.5), torch.tensor([1.0, 0.5, 0.0, 0.0]))
+
+
+def test_teacher_weight_never_increases_with_noise():
+    weights = camgeo.teacher_weight(torch.linspace(0, 1, 101))
+    assert torch.all(weights[1:] <= weights[:-1])
+
+
+def test_select_teacher_clips_takes_only_open_clips_and_at_most_the_fraction():
+    weights = torch.tensor([0.0, 0.3, 0.0, 0.9, 0.1, 0.2, 0.0, 0.5])
+    chosen = camgeo.select_teacher_clips(weights, fraction=0.25)
+    assert chosen.tolist() == [1, 3]
+    assert camgeo.select_teacher_clips(torch.zeros(8), fraction=1.0).numel() == 0
+
+
+def test_teacher_weight_rejects_bad_t_max():
+    with pytest.raises(ValueError, match="t_max"):
+        camgeo.teacher_weight(torch.rand(3), t_max=0.0)
+
+
+def test_teacher_cameras_keep_a_zero_field_of_view_at_a_finite_focal_length():
+    pose_enc = torch.zeros(1, 2, 9)
+    pose_enc[..., 6] = 1  # identity rotation; both fields of view 0, the ReLU floor of the camera head
+    w2c, K = camgeo.teacher_cameras(pose_enc, (H, W))
+    low = math.radians(camgeo.TEACHER_FOV_RANGE_DEG[0])
+    assert torch.isfinite(K).all() and torch.allclose(K[..., 0, 0], torch.full((1, 2), W / 2 / math.tan(low / 2)))
+    assert torch.allclose(w2c[..., :3], torch.eye(3).expand(1, 2, 3, 3))
+
+
+# -----------------------------------------------------------------------------
+# L_traj
+
+
+def test_trajectory_loss_is_zero_for_the_same_cameras_in_another_world_frame_and_scale():
+    gt = smooth_trajectory(6, batch=2)
+    world = pose(rotation_about([1.0, 2.0, 3.0], 0.7), [0.5, -1.0, 2.0])
+    # same cameras, teacher's world = another frame, teacher's unit 3x smaller: w2c' = S w2c G
+    teacher = gt @ world
+    teacher = torch.cat([teacher[..., :3, :3], 3.0 * teacher[..., :3, 3:]], dim=-1)
+    K = intrinsics(2, 6)
+    loss = camgeo.trajectory_loss(teacher, K, gt, K[:, 0], keyframes(2, 6, [0, 2, 5]), (H, W))
+    assert loss.shape == (2,)
+    assert torch.allclose(loss, torch.zeros(2, dtype=torch.float64), atol=1e-9)
+
+
+def test_trajectory_loss_ignores_frames_without_a_pose():
+    gt = smooth_trajectory(6)
+    K = intrinsics(1, 6)
+    teacher = gt.clone()
+    teacher[:, 3] = smooth_trajectory(6, seed=5)[:, 3]  # frame 3 is not a keyframe
+    loss = camgeo.trajectory_loss(teacher, K, gt, K[:, 0], keyframes(1, 6, [0, 2, 5]), (H, W))
+    assert torch.allclose(loss, torch.zeros(1, dtype=torch.float64), atol=1e-9)
+
+
+def test_trajectory_loss_of_a_rotated_keyframe_is_the_quaternion_l1():
+    eye = torch.eye(4, dtype=torch.float64)
+    gt = torch.stack([eye, pose(torch.eye(3, dtype=torch.float64), [1.0, 0, 0])])[None]  # (1, 2, 4, 4)
+    angle = 0.3
+    teacher = gt.clone()
+    teacher[0, 1, :3, :3] = rotation_about([0.0, 0.0, 1.0], angle)
+    # w2c translation after the rotation: same camera centre (-R^T t), so only the rotation and t differ
+    teacher[0, 1, :3, 3] = -(teacher[0, 1, :3, :3] @ torch.tensor([-1.0, 0, 0], dtype=torch.float64))
+    K = intrinsics(1, 2)
+    loss = camgeo.trajectory_loss(teacher, K, gt, K[:, 0], keyframes(1, 2, [0, 1]), (H, W))
+    quat_l1 = math.sin(angle / 2) + 1 - math.cos(angle / 2)
+    t_l1 = (teacher[0, 1, :3, 3] - gt[0, 1, :3, 3]).abs().sum()  # unit centre distance: scale 1
+    assert torch.allclose(loss, (quat_l1 + t_l1)[None], atol=1e-9)
+
+
+def test_trajectory_loss_treats_q_and_minus_q_as_the_same_rotation_near_180_degrees():
+    eps = 0.01
+    gt, teacher = torch.eye(4, dtype=torch.float64).expand(1, 2, 4, 4).clone(), None
+    gt[0, 1, :3, :3] = rotation_about([1.0, 0.0, 0.0], math.pi - eps)
+    teacher = gt.clone()
+    teacher[0, 1, :3, :3] = rotation_about([1.0, 0.0, 0.0], math.pi + eps)  # standardises to the other sign
+    K = intrinsics(1, 2)
+    loss = camgeo.trajectory_loss(teacher, K, gt, K[:, 0], keyframes(1, 2, [0, 1]), (H, W))
+    # rotations 2 eps apart: the aligned quaternions differ only in w, by 2 sin(eps / 2)
+    assert torch.allclose(loss, torch.tensor([2 * math.sin(eps / 2)], dtype=torch.float64), atol=1e-9)
+
+
+def test_trajectory_loss_of_a_wrong_focal_length_is_the_field_of_view_l1():
+    gt = smooth_trajectory(3)
+    K_true, K_teacher = intrinsics(1, 3, focal=14.0), intrinsics(1, 3, focal=10.0)
+    loss = camgeo.trajectory_loss(gt, K_teacher, gt, K_true[:, 0], keyframes(1, 3, [0, 2]), (H, W))
+    fov_error = 2 * (2 * math.atan(W / 2 / 10.0) - 2 * math.atan(W / 2 / 14.0))  # fov_h and fov_w
+    assert torch.allclose(loss, torch.tensor([fov_error], dtype=torch.float64), atol=1e-9)
+
+
+def test_trajectory_loss_sends_gradients_to_the_teacher_cameras():
+    gt = smooth_trajectory(4)
+    teacher = smooth_trajectory(4, seed=1).requires_grad_()
+    K = intrinsics(1, 4).requires_grad_()
+    camgeo.trajectory_loss(teacher, K, gt, K[:, 0].detach(), keyframes(1, 4, [0, 3]), (H, W)).sum().backward()
+    assert teacher.grad.abs().sum() > 0 and torch.isfinite(teacher.grad).all()
+
+
+def test_trajectory_loss_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="keyframe_mask"):
+        camgeo.trajectory_loss(smooth_trajectory(4), intrinsics(1, 4), smooth_trajectory(5), intrinsics(1, 5)[:, 0],
+                               keyframes(1, 5, [0, 4]), (H, W))
+
+
+# -----------------------------------------------------------------------------
+# L_geo
+
+
+def clip_batch(batch=2, num_frames=5, seed=0):
+    """True depth, cameras and frames of rendered clips (float64): geometrically consistent by construction."""
+    clips = [data.render_clip(seed + b, num_frames=num_frames, height=H, width=W) for b in range(batch)]
+    depth = torch.stack([c["depth"] for c in clips]).double()
+    w2c = torch.stack([c["w2c"] for c in clips]).double()
+    K = torch.stack([c["K"] for c in clips]).double()[:, None].expand(batch, num_frames, 3, 3)
+    frames = torch.stack([c["video"] for c in clips]).double()
+    return depth, w2c, K, frames
+
+
+def reference_depth_term(depth, w2c, K, spans, gamma, scale_mode):
+    """The depth term pair by pair with geometry.depth_consistency_residual (shared K, no edge weights)."""
+    B, num_frames = depth.shape[:2]
+    usable = [k for k in spans if k < num_frames]
+    total = torch.zeros(B, dtype=depth.dtype)
+    for k in usable:
+        per_span = torch.zeros(B, dtype=depth.dtype)
+        for f in range(num_frames - k):
+            T = w2c[:, f + k] @ geometry.invert_pose(w2c[:, f])
+            residual, valid = geometry.depth_consistency_residual(depth[:, f], depth[:, f + k], K[:, f], T,
+                                                                  scale_invariant=scale_mode)
+            per_span += residual.flatten(1).sum(-1) / valid.flatten(1).sum(-1).clamp(min=1)
+        total += k / sum(usable) * math.exp(gamma * k) * per_span / (num_frames - k)
+    return total
+
+
+@pytest.mark.parametrize("scale_mode", ["lstsq", "median"])
+def test_fused_depth_term_equals_pairwise_depth_consistency_residual(scale_mode):
+    depth, w2c, K, frames = clip_batch()
+    depth = depth * (1 + 0.1 * torch.rand(depth.shape, generator=torch.Generator().manual_seed(0)))
+    _, depth_term, _ = camgeo.geometry_loss(depth, w2c, K, frames, spans=(1, 2, 4), gamma=0.2, eta=0.0,
+                                            scale_mode=scale_mode)
+    expected = reference_depth_term(depth, w2c, K, (1, 2, 4), 0.2, scale_mode)
+    assert torch.allclose(depth_term, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_depth_term_is_small_for_true_geometry_and_large_for_mismatched_frames():
+    depth, w2c, K, frames = clip_batch()
+    _, consistent, _ = camgeo.geometry_loss(depth, w2c, K, frames)
+    _, shuffled, _ = camgeo.geometry_loss(depth.flip(1), w2c, K, frames)
+    assert torch.all(consistent < 0.5 * shuffled)
+
+
+def test_depth_term_does_not_change_when_depth_and_translations_share_a_new_scale():
+    depth, w2c, K, frames = clip_batch()
+    scaled = torch.cat([w2c[..., :3, :3], 2.5 * w2c[..., :3, 3:]], dim=-1)
+    _, original, _ = camgeo.geometry_loss(depth, w2c, K, frames)
+    _, rescaled, _ = camgeo.geometry_loss(2.5 * depth, scaled, K, frames)
+    assert torch.allclose(original, rescaled, rtol=1e-9)
+
+
+def test_edge_weights_lower_the_depth_term_and_pass_no_gradient_to_the_frames():
+    depth, w2c, K, frames = clip_batch()
+    depth = depth * (1 + 0.1 * torch.rand(depth.shape, generator=torch.Generator().manual_seed(0)))
+    depth, frames = depth.requires_grad_(), frames.clone().requires_grad_()
+    _, flat, _ = camgeo.geometry_loss(depth, w2c, K, frames, eta=0.0)
+    loss, edge_aware, _ = camgeo.geometry_loss(depth, w2c, K, frames, eta=5.0)
+    assert torch.all(edge_aware < flat)
+    loss.sum().backward()
+    assert frames.grad is None or torch.count_nonzero(frames.grad) == 0
+
+
+def test_each_clip_loss_depends_only_on_its_own_clip():
+    depth, w2c, K, frames = clip_batch()
+    loss, _, _ = camgeo.geometry_loss(depth, w2c, K, frames)
+    depth2 = depth.clone()
+    depth2[1] = depth2[1].flip(0)
+    loss2, _, _ = camgeo.geometry_loss(depth2, w2c, K, frames)
+    assert loss2[0] == loss[0] and loss2[1] != loss[1]
+
+
+def constant_velocity_trajectory(num_frames, step):
+    """w2c_f = step^f: the same relative motion between every pair of consecutive frames."""
+    poses = [torch.eye(4, dtype=torch.float64)]
+    for _ in range(num_frames - 1):
+        poses.append(step @ poses[-1])
+    return torch.stack(poses)[None]
+
+
+def test_smoothness_is_zero_for_constant_velocity_and_positive_when_the_camera_accelerates():
+    depth, _, K, frames = clip_batch(batch=1, num_frames=6)
+    step = pose(rotation_about([0.0, 1.0, 0.0], 0.05), [0.1, 0.0, -0.05])
+    steady = constant_velocity_trajectory(6, step)
+    _, _, smooth = camgeo.geometry_loss(depth, steady, K, frames)
+    assert smooth.abs().max() < 1e-9  # the literal reading |Delta(C_{f+k}, C_f)| would be > 0 here
+    jerky = steady.clone()
+    jerky[0, 3] = pose(rotation_about([1.0, 0.0, 0.0], 0.1), [0.3, 0.0, 0.0]) @ jerky[0, 3]
+    _, _, smooth = camgeo.geometry_loss(depth, jerky, K, frames)
+    assert smooth.item() > 1e-3
+
+
+def test_smoothness_weight_zero_leaves_only_the_depth_term():
+    depth, w2c, K, frames = clip_batch()
+    loss, depth_term, smooth = camgeo.geometry_loss(depth, w2c, K, frames, smoothness_weight=0.0)
+    assert torch.equal(loss, depth_term) and torch.all(smooth > 0)
+
+
+def test_span_weights_favour_longer_spans_and_drop_spans_longer_than_the_clip():
+    first, second, following, depth_weight, smooth_weight = camgeo.span_pairs(5, (1, 2, 4, 8), gamma=0.1)
+    spans = second - first
+    assert set(spans.tolist()) == {1, 2, 4}
+    per_span = [depth_weight[spans == k].sum().item() for k in (1, 2, 4)]
+    assert per_span[0] < per_span[1] < per_span[2]
+    assert math.isclose(per_span[2] / per_span[0], 4 * math.exp(0.1 * 3))
+    # the pair following (f, f + k) starts where it ends
+    has_next = following >= 0
+    assert torch.equal(first[following[has_next]], second[has_next])
+    assert torch.all(smooth_weight[~has_next] == 0)
+
+
+def test_span_pairs_rejects_a_span_set_with_no_usable_span():
+    with pytest.raises(ValueError, match="no usable span"):
+        camgeo.span_pairs(4, (4, 8))
+
+
+def test_geometry_loss_sends_gradients_to_depth_and_cameras():
+    depth, w2c, K, frames = clip_batch()
+    depth, w2c, K = depth.requires_grad_(), w2c[..., :3, :].clone().requires_grad_(), K.clone().requires_grad_()
+    camgeo.geometry_loss(depth, w2c, K, frames)[0].sum().backward()
+    for grad in (depth.grad, w2c.grad, K.grad):
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_geometry_loss_gradients_stay_finite_when_points_leave_the_view_or_go_behind_the_camera():
+    depth, w2c, K, frames = clip_batch(batch=1, num_frames=3)
+    w2c = w2c.clone()
+    w2c[0, 1] = pose(rotation_about([0.0, 1.0, 0.0], math.pi), [0.0, 0.0, 0.0]) @ w2c[0, 1]  # faces backwards
+    w2c[0, 2, :3, 3] += 1e4  # moved far away: every point lands far outside the image
+    depth, w2c = depth.requires_grad_(), w2c.requires_grad_()
+    loss, _, _ = camgeo.geometry_loss(depth, w2c, K, frames)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(depth.grad).all() and torch.isfinite(w2c.grad).all()
+
+
+def test_compiled_geometry_loss_matches_eager_values_and_gradients():
+    # Fails (does not skip) where torch.compile cannot run: --compile is the default of train.py.
+    depth, w2c, K, frames = (x.float() for x in clip_batch(batch=1, num_frames=3))
+    depth = depth * (1 + 0.1 * torch.rand(depth.shape, generator=torch.Generator().manual_seed(0)))
+    results = []
+    for fn in (camgeo.geometry_loss, torch.compile(camgeo.geometry_loss, fullgraph=True)):
+        d, c = depth.clone().requires_grad_(), w2c[..., :3, :].clone().requires_grad_()
+        loss, depth_term, smooth = fn(d, c, K, frames, spans=(1, 2))
+        loss.sum().backward()
+        results.append((loss.detach(), depth_term.detach(), smooth.detach(), d.grad, c.grad))
+    for eager, compiled in zip(*results):
+        assert torch.allclose(eager, compiled, rtol=1e-4, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# curriculum
+
+
+def test_alpha_is_exactly_zero_during_warmup():
+    for step in range(0, 10):
+        assert camgeo.curriculum_weights(step, 100)[0] == 0.0
+
+
+def test_alpha_and_beta_rise_from_near_zero_to_near_one():
+    alphas, betas = zip(*(camgeo.curriculum_weights(s, 1000) for s in range(1000)))
+    assert all(b >= a for a, b in zip(alphas, alphas[1:])) and all(b >= a for a, b in zip(betas, betas[1:]))
+    assert alphas[-1] > 0.999 and betas[-1] > 0.999 and betas[150] < 1e-3
+
+
+def test_sigmoid_schedules_are_one_half_at_their_midpoints():
+    alpha, _ = camgeo.curriculum_weights(200, 1000, alpha_mid=0.2)
+    _, beta = camgeo.curriculum_weights(500, 1000, beta_mid=0.5)
+    assert math.isclose(alpha, 0.5) and math.isclose(beta, 0.5)
+
+
+def test_trajectory_leads_and_depth_follows():
+    alpha, beta = camgeo.curriculum_weights(300, 1000)
+    assert alpha > 0.9 and beta < 0.1  # phase 2: mostly L_traj
+
+
+def test_linear_schedule_shares_midpoint_and_slope_and_is_clipped():
+    width = camgeo.CURRICULUM_WIDTH
+    total = 100_000
+    mid = int(camgeo.CURRICULUM_BETA_MID * total)
+    sig = [camgeo.curriculum_weights(s, total)[1] for s in (mid - 10, mid, mid + 10)]
+    lin = [camgeo.curriculum_weights(s, total, schedule="linear")[1] for s in (mid - 10, mid, mid + 10)]
+    assert math.isclose(lin[1], 0.5) and math.isclose(lin[2] - lin[0], sig[2] - sig[0], rel_tol=1e-3)
+    assert camgeo.curriculum_weights(total - 1, total, schedule="linear") == (1.0, 1.0)
+    assert camgeo.curriculum_weights(int(0.11 * total), total, schedule="linear")[1] == 0.0
+    assert width > 0
+
+
+def test_without_warmup_alpha_is_one_from_the_first_step():
+    assert camgeo.curriculum_weights(0, 100, warmup=False)[0] == 1.0
+
+
+def test_total_loss_gates_geometry_by_beta_by_default_and_not_in_the_printed_form():
+    gated = camgeo.total_loss(1.0, 2.0, 4.0, alpha=0.5, beta=0.25)
+    printed = camgeo.total_loss(1.0, 2.0, 4.0, alpha=0.5, beta=0.25, geo_gate="printed")
+    assert gated == 1.0 + 0.5 * (0.75 * 2.0 + 0.25 * 4.0)
+    assert printed == 1.0 + 0.5 * (0.75 * 2.0 + 4.0)
+
+
+def test_curriculum_rejects_unknown_schedule():
+    with pytest.raises(ValueError, match="schedule"):
+        camgeo.curriculum_weights(0, 10, schedule="cosine")
