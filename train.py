@@ -1,21 +1,33 @@
 """Train the CamGeo student (camgeo.py) on the synthetic world, or on a RealEstate10K-format folder.
 
-    python train.py --sparse 0.5                      # the default: `cpu` preset, keyframes at half the frames,
-                                                      # < 20 minutes on 2 CPU cores -> out/sparse/ckpt.safetensors
-    python train.py --method full                     # baselines of the paper: poses at every frame,
+    python train.py --sparse 0.5                      # the default: CamGeo (keyframes at half the frames, the small
+                                                      # teacher of assets/ distilled), `cpu` preset -> out/camgeo/
+    python train.py --teacher path/to/model.pt        # another teacher: any checkpoint teacher.load_vggt reads
+    python train.py --method sparse --sparse 0.5      # baselines of the paper: keyframes only, no teacher,
+    python train.py --method full                     #   poses at every frame,
     python train.py --method linear --sparse 0.25     #   or keyframes with the missing poses interpolated
     python train.py --method slerp --sparse 0.25      #   (linear / SLERP) before conditioning
+    python train.py --smoothness-weight 0             # CamGeo ablations: w/o smoothness,
+    python train.py --no-warmup                       #   w/o warm-up,
+    python train.py --schedule linear                 #   linear instead of sigmoid schedules
     python train.py --preset smoke --steps 20         # seconds, for tests
     python train.py --preset gpu --device cuda        # the larger model on one GPU
+    torchrun --standalone --nproc_per_node=2 train.py --preset smoke   # DistributedDataParallel (gloo on CPU,
+                                                      # nccl on GPU); --batch-size is per process
+    python train.py --resume                          # continue the run in --out from its last checkpoint
     python train.py --data path/to/re10k_folder       # RealEstate10K-format clips instead of the synthetic world
-    python train.py --export out/sparse/ckpt.safetensors assets/student.safetensors   # EMA weights, float16
+    python train.py --export out/camgeo/ckpt.safetensors assets/student.safetensors   # EMA weights, float16
 
-Outputs in --out (default out/<method>): ckpt.safetensors (weights "model.*" and EMA weights "ema.*"; config,
-method, step and options as JSON in the safetensors metadata), optimizer.pt (AdamW state, loadable with
-torch.load(weights_only=True)) and log.jsonl (one line per step: loss, lr). sample.py reads ckpt.safetensors.
+Outputs in --out (default out/<method>), written by rank 0, each file atomically (temporary file + os.replace):
+ckpt.safetensors (the student only: weights "model.*" and EMA weights "ema.*"; config, method, step and options
+as JSON in the safetensors metadata; the teacher is never saved), train_state.pt (step, AdamW state and the
+random-number states of every rank: what --resume needs to continue exactly as an uninterrupted run would;
+loadable with torch.load(weights_only=True)) and log.jsonl (one line per step: the loss and each of its terms,
+alpha and beta of the curriculum, lr, grad norm). sample.py reads ckpt.safetensors and never the teacher.
 
 Camera conditioning per method (keyframes: camera_inputs below):
-  sparse  poses at the keyframes only, keyframe mask 1 there and 0 elsewhere (the model sees what is missing)
+  camgeo / sparse  poses at the keyframes only, keyframe mask 1 there and 0 elsewhere (the model sees what is
+          missing); camgeo adds the teacher's losses on the predicted video (CamGeo distillation in camgeo.py)
   full    every pose, mask all ones
   linear / slerp  keyframe poses interpolated to every frame (geometry.interpolate_trajectory), then given as if
           known, mask all ones: that is what those baselines do, so the model cannot tell interpolated from real.
@@ -23,23 +35,32 @@ Camera conditioning per method (keyframes: camera_inputs below):
 Data: the synthetic clips are rendered once per run into an in-memory pool (--num-clips, rendered by
 --num-workers DataLoader workers) and batches are drawn from it, so the loop is never bound by the ray-caster
 (about 0.3 s a clip on one core, slower than a training step). --num-clips 0 streams fresh clips instead
-(for long GPU runs, with enough workers).
+(for long GPU runs, with enough workers; a resumed streaming run draws new clips, not the same ones).
+
+A loss that is NaN or infinite stops the run with a message naming the step and each loss term; the files in
+--out stay those of the last checkpoint. (Tests inject one with the hidden option --debug-nan-at-step N.)
 """
 import argparse
 import json
 import math
 import os
+import random
 import tempfile
 import time
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import camgeo
 import data
+import teacher
 
-METHODS = ("sparse", "full", "linear", "slerp")
+METHODS = ("camgeo", "sparse", "full", "linear", "slerp")
 # Training defaults per preset: steps, batch size, peak learning rate, EMA decay, pool size. The cpu values are
 # sized to finish in < 20 minutes on 2 cores; the EMA horizon (1 / (1 - decay) steps) is a fraction of the run.
 TRAIN_DEFAULTS = {
@@ -50,12 +71,13 @@ TRAIN_DEFAULTS = {
 WARMUP_STEPS_FRACTION = 0.03  # linear warm-up, then cosine decay
 MIN_LR_FRACTION = 0.1  # cosine decays to this fraction of the peak
 GRAD_CLIP = 1.0
-CKPT_NAME, OPTIMIZER_NAME, LOG_NAME = "ckpt.safetensors", "optimizer.pt", "log.jsonl"
+CKPT_NAME, TRAIN_STATE_NAME, LOG_NAME = "ckpt.safetensors", "train_state.pt", "log.jsonl"
+DEFAULT_TEACHER = os.path.join("assets", "teacher_small.safetensors")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--method", choices=METHODS, default="sparse")
+    parser.add_argument("--method", choices=METHODS, default="camgeo")
     parser.add_argument("--sparse", type=float, default=0.5, metavar="RATIO",
                         help="fraction of frames given poses (ignored by --method full)")
     parser.add_argument("--random-keyframes", action="store_true",
@@ -76,12 +98,40 @@ def parse_args(argv=None):
     parser.add_argument("--export", nargs=2, metavar=("CKPT", "DEST"),
                         help="write CKPT's EMA weights alone, in float16, to DEST and exit "
                              "(how assets/student.safetensors is made)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    distill = parser.add_argument_group("CamGeo distillation (--method camgeo; see camgeo.py for each choice)")
+    distill.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher checkpoint (teacher.load_vggt)")
+    distill.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                         help="torch.compile the fused L_geo (falls back to eager with a note if it cannot)")
+    distill.add_argument("--teacher-t-max", type=float, default=camgeo.TEACHER_T_MAX,
+                         help="the teacher gate: clips noisier than this are not distilled")
+    distill.add_argument("--teacher-fraction", type=float, default=camgeo.TEACHER_BATCH_FRACTION,
+                         help="at most this fraction of each batch goes through the teacher")
+    distill.add_argument("--schedule", choices=("sigmoid", "linear"), default="sigmoid")
+    distill.add_argument("--no-warmup", dest="warmup", action="store_false",
+                         help="alpha = 1 from the first step (ablation)")
+    distill.add_argument("--warmup-fraction", type=float, default=camgeo.CURRICULUM_WARMUP)
+    distill.add_argument("--alpha-mid", type=float, default=camgeo.CURRICULUM_ALPHA_MID)
+    distill.add_argument("--beta-mid", type=float, default=camgeo.CURRICULUM_BETA_MID)
+    distill.add_argument("--schedule-width", type=float, default=camgeo.CURRICULUM_WIDTH)
+    distill.add_argument("--geo-gate", choices=("beta", "printed"), default="beta",
+                         help="L_geo weighted by alpha*beta (phases as described) or by alpha (printed equation)")
+    distill.add_argument("--spans", type=int, nargs="+", default=list(camgeo.GEO_SPANS))
+    distill.add_argument("--gamma", type=float, default=camgeo.GEO_GAMMA)
+    distill.add_argument("--eta", type=float, default=camgeo.GEO_ETA)
+    distill.add_argument("--smoothness-weight", type=float, default=camgeo.GEO_SMOOTHNESS_WEIGHT,
+                         help="0: the w/o smoothness ablation")
+    # hidden, for tests: a NaN loss at step N; stop right after step N as if killed (a checkpoint is written)
+    parser.add_argument("--debug-nan-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--debug-stop-at-step", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name, value in TRAIN_DEFAULTS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if not 0.0 < args.sparse <= 1.0:
         parser.error(f"--sparse must be in (0, 1], got {args.sparse}")
+    if not 0.0 < args.teacher_t_max <= 1.0 or not 0.0 < args.teacher_fraction <= 1.0:
+        parser.error("--teacher-t-max and --teacher-fraction must be in (0, 1]")
     args.out = args.out or os.path.join("out", args.method)
     return args
 
@@ -212,76 +262,303 @@ def export_ema(checkpoint, destination, dtype=torch.float16):
     atomic_write(destination, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def save_checkpoint(out_dir, model, ema, optimizer, config, args, step):
+DISTILLATION_OPTIONS = ("teacher", "teacher_t_max", "teacher_fraction", "schedule", "warmup", "warmup_fraction",
+                        "alpha_mid", "beta_mid", "schedule_width", "geo_gate", "spans", "gamma", "eta",
+                        "smoothness_weight")
+
+
+def save_checkpoint(out_dir, model, ema, optimizer, config, args, step, rng_states):
+    """ckpt.safetensors (student and EMA weights) and train_state.pt (step, optimizer, every rank's RNG states)."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
+    options = {"sparse": args.sparse, "random_keyframes": args.random_keyframes, "preset": args.preset,
+               "seed": args.seed, "data": args.data, "steps": args.steps}
+    if args.method == "camgeo":
+        options.update({name: getattr(args, name) for name in DISTILLATION_OPTIONS})
     metadata = {"config": camgeo.config_to_json(config), "method": args.method, "step": str(step),
-                "options": json.dumps({"sparse": args.sparse, "random_keyframes": args.random_keyframes,
-                                       "preset": args.preset, "seed": args.seed, "data": args.data})}
+                "options": json.dumps(options)}
+    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_states}
+    atomic_write(os.path.join(out_dir, TRAIN_STATE_NAME), lambda tmp: torch.save(state, tmp))
     atomic_write(os.path.join(out_dir, CKPT_NAME), lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    atomic_write(os.path.join(out_dir, OPTIMIZER_NAME), lambda tmp: torch.save(optimizer.state_dict(), tmp))
+
+
+def rng_states(generator):
+    """Every random-number state the loop reads, as tensors and plain numbers (torch.load weights_only can read
+    them): torch's global generator (classifier-free-guidance dropout), `generator` (batches, keyframes, noise,
+    flow times), numpy and python's `random` (unused by the loop today, restored so that stays harmless)."""
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    state = {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+             "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": numpy_state[2],
+                       "has_gauss": numpy_state[3], "cached_gaussian": numpy_state[4]},
+             "python": {"version": python_state[0], "state": list(python_state[1]), "gauss": python_state[2]}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_states(state, generator):
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gathered_rng_states(generator, world_size):
+    """Every rank's RNG states, in rank order (all ranks must call this together)."""
+    if world_size == 1:
+        return [rng_states(generator)]
+    states = [None] * world_size
+    dist.all_gather_object(states, rng_states(generator))
+    return states
+
+
+def resume(args, model, ema, optimizer, generator, rank, world_size):
+    """Load the student, EMA, optimizer and RNG states of the run in args.out -> the step to continue from.
+    The log keeps the lines up to that step (a killed run may have logged steps after its last checkpoint)."""
+    ckpt_path, state_path = os.path.join(args.out, CKPT_NAME), os.path.join(args.out, TRAIN_STATE_NAME)
+    if not (os.path.isfile(ckpt_path) and os.path.isfile(state_path)):
+        raise ValueError(f"--resume: no {CKPT_NAME} and {TRAIN_STATE_NAME} in {args.out} to resume from")
+    with safe_open(ckpt_path, framework="pt") as f:
+        metadata = f.metadata()
+        weights = {key: f.get_tensor(key) for key in f.keys()}
+    if metadata["method"] != args.method or json.loads(metadata["options"])["preset"] != args.preset:
+        raise ValueError(f"--resume: {ckpt_path} is a {metadata['method']} run of the "
+                         f"{json.loads(metadata['options'])['preset']} preset, not {args.method} / {args.preset}")
+    state = torch.load(state_path, weights_only=True)
+    if state["step"] != int(metadata["step"]):
+        raise ValueError(f"--resume: {CKPT_NAME} is at step {metadata['step']} but {TRAIN_STATE_NAME} at step "
+                         f"{state['step']} (the run was stopped while saving); cannot continue exactly")
+    model.load_state_dict({k[len("model."):]: v for k, v in weights.items() if k.startswith("model.")})
+    ema.load_state_dict({k[len("ema."):]: v for k, v in weights.items() if k.startswith("ema.")})
+    optimizer.load_state_dict(state["optimizer"])
+    if len(state["rng"]) == world_size:
+        set_rng_states(state["rng"][rank], generator)
+    else:  # a different number of processes: continue, but not on the same random numbers
+        generator.manual_seed(args.seed + 1000 * state["step"] + rank)
+        print(f"note: --resume with {world_size} processes instead of {len(state['rng'])}: new random numbers")
+    log_path = os.path.join(args.out, LOG_NAME)
+    if rank == 0 and os.path.isfile(log_path):
+        with open(log_path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= state["step"]]
+        atomic_write(log_path, lambda tmp: open(tmp, "w").writelines(kept))
+    return state["step"]
+
+
+# -----------------------------------------------------------------------------
+# CamGeo distillation: the teacher reads the predicted video (losses and schedule: camgeo.py)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the checkpoint files are left as they were at the last save."""
+
+
+def stop_on_non_finite(what, step, terms, args):
+    values = ", ".join(f"{k}={float(v.detach() if torch.is_tensor(v) else v):.4g}" for k, v in terms.items())
+    raise NonFiniteLoss(f"{what} at step {step + 1} ({values}); stopped before the update. The files in {args.out} "
+                        f"are those of the last checkpoint; continue with --resume")
+
+
+def load_teacher(path, device):
+    if not os.path.isfile(path):
+        raise ValueError(f"teacher checkpoint {path} not found: pass --teacher PATH, or train the small teacher with "
+                         f"`python teacher.py --train --out {DEFAULT_TEACHER}`")
+    return teacher.freeze(teacher.load_vggt(path)).to(device)
+
+
+def make_geometry_loss(use_compile):
+    """camgeo.geometry_loss, compiled with torch.compile when asked. Compilation happens at the first call; if it
+    fails there (no C compiler, an unsupported device), that call and all later ones run eagerly, with a note."""
+    if not use_compile:
+        return camgeo.geometry_loss
+    current = {"fn": torch.compile(camgeo.geometry_loss)}
+
+    def geometry_loss(*args, **kwargs):
+        try:
+            return current["fn"](*args, **kwargs)
+        except Exception as error:
+            if current["fn"] is camgeo.geometry_loss:
+                raise
+            print(f"note: torch.compile of geometry_loss failed ({type(error).__name__}: "
+                  f"{str(error).splitlines()[0][:120] if str(error) else ''}); running it eagerly")
+            current["fn"] = camgeo.geometry_loss
+            return current["fn"](*args, **kwargs)
+
+    return geometry_loss
+
+
+def distillation_losses(teacher_model, geometry_loss, out, w2c, K, keyframe_mask, args):
+    """The teacher's view of the predicted video -> {loss_traj, loss_geo, loss_geo_depth, loss_geo_smooth}
+    (scalars: per-clip losses weighted by the teacher gate and averaged over the clips shown) and teacher_clips.
+
+    Clips pass the gate by their flow time (camgeo.teacher_weight), at most --teacher-fraction of the batch
+    (camgeo.select_teacher_clips). The teacher sees x0_hat clamped to [0, 1] (it was trained on images; the clamp
+    passes no gradient where a pixel is out of range) and resizes it to its own patch multiple
+    (teacher.teacher_geometry); its parameters are frozen, the gradient flows through it to x0_hat.
+    """
+    weights = camgeo.teacher_weight(out["t"], args.teacher_t_max)  # (B,)
+    chosen = camgeo.select_teacher_clips(weights, args.teacher_fraction)
+    zero = out["loss"].new_zeros(())
+    terms = {"loss_traj": zero, "loss_geo": zero, "loss_geo_depth": zero, "loss_geo_smooth": zero,
+             "teacher_clips": chosen.numel()}
+    if chosen.numel() == 0:
+        return terms
+    frames = out["x0_pred"][chosen].clamp(0, 1)  # (n, F, 3, H, W)
+    seen = teacher.teacher_geometry(teacher_model, frames)
+    seen_w2c, seen_K = camgeo.teacher_cameras(seen["pose_enc"], frames.shape[-2:])  # FoV kept in a sane range
+    traj = camgeo.trajectory_loss(seen_w2c, seen_K, w2c[chosen], K[chosen], keyframe_mask[chosen], frames.shape[-2:])
+    geo, geo_depth, geo_smooth = geometry_loss(seen["depth"], seen_w2c, seen_K, frames,
+                                               spans=tuple(args.spans), gamma=args.gamma, eta=args.eta,
+                                               smoothness_weight=args.smoothness_weight)
+    gate = weights[chosen]
+    terms.update({name: (gate * value).mean() for name, value in
+                  (("loss_traj", traj), ("loss_geo", geo), ("loss_geo_depth", geo_depth),
+                   ("loss_geo_smooth", geo_smooth))})
+    return terms
+
+
+def step_losses(args, model, teacher_model, geometry_loss, batch, step, generator, config, device):
+    """One step's loss -> (loss to minimise, dict of the terms: loss_diff and, for camgeo, alpha, beta, loss_traj,
+    loss_geo (= loss_geo_depth + smoothness weight * loss_geo_smooth), teacher_clips)."""
+    video, w2c, K = batch["video"].to(device), batch["w2c"].to(device), batch["K"].to(device)
+    camera, keyframe_mask, _ = camera_inputs(w2c, K, args.method, args.sparse, args.random_keyframes, generator,
+                                             config.image_size, config.image_size)
+    out = camgeo.training_losses(model, video, batch["prompt"], camera, generator)
+    terms = {"loss_diff": out["loss"]}
+    if args.method != "camgeo":
+        return out["loss"], terms
+    alpha, beta = camgeo.curriculum_weights(step, args.steps, args.schedule, args.warmup, args.warmup_fraction,
+                                            args.alpha_mid, args.beta_mid, args.schedule_width)
+    terms.update(alpha=alpha, beta=beta)
+    if alpha > 0:  # phase 1 (warm-up) never runs the teacher
+        terms.update(distillation_losses(teacher_model, geometry_loss, out, w2c, K, keyframe_mask, args))
+    else:
+        terms.update({name: out["loss"].new_zeros(()) for name in
+                      ("loss_traj", "loss_geo", "loss_geo_depth", "loss_geo_smooth")}, teacher_clips=0)
+    loss = camgeo.total_loss(out["loss"], terms["loss_traj"], terms["loss_geo"], alpha, beta, args.geo_gate)
+    return loss, terms
 
 
 # -----------------------------------------------------------------------------
 # the loop
 
 
+def setup_distributed(args):
+    """nanoGPT-style: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them this is one process.
+    -> (rank, world_size); under torchrun on CUDA each process takes the GPU of its local rank."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    cuda = args.device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    return dist.get_rank(), dist.get_world_size()
+
+
 def train(args):
+    rank, world_size = setup_distributed(args)
+    try:
+        return train_process(args, rank, world_size)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def train_process(args, rank, world_size):
+    master = rank == 0  # logs and saves
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    np.random.seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    generator = torch.Generator().manual_seed(args.seed + rank)  # each rank its own batches and noise
     config = camgeo.PRESETS[args.preset]
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
 
-    model = camgeo.CamGeo(config).to(device)
+    raw_model = camgeo.CamGeo(config).to(device)
     ema = camgeo.CamGeo(config).to(device)
-    ema.load_state_dict(model.state_dict())
+    ema.load_state_dict(raw_model.state_dict())
     requires_grad(ema, False)
     ema.eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    print(f"{args.preset} preset: {model.num_params() / 1e6:.2f}M parameters, method {args.method}, "
-          f"keyframe ratio {args.sparse}, {args.steps} steps of batch {args.batch_size}")
+    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, weight_decay=0.0)
+    teacher_model, geometry_loss = None, None
+    if args.method == "camgeo":
+        teacher_model = load_teacher(args.teacher, device)
+        geometry_loss = make_geometry_loss(args.compile)
+    model = raw_model
+    if world_size > 1:
+        model = DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if master:
+        print(f"{args.preset} preset: {raw_model.num_params() / 1e6:.2f}M parameters, method {args.method}, "
+              f"keyframe ratio {args.sparse}, {args.steps} steps of batch {args.batch_size}"
+              f"{f' x {world_size} processes' if world_size > 1 else ''}"
+              f"{f', teacher {args.teacher}' if teacher_model is not None else ''}")
 
     stream = batches(args, config, generator)
-    log = open(os.path.join(args.out, LOG_NAME), "w")
+    start_step = 0
+    if args.resume:
+        start_step = resume(args, raw_model, ema, optimizer, generator, rank, world_size)
+        if master:
+            print(f"resuming {args.out} at step {start_step}")
+    log = open(os.path.join(args.out, LOG_NAME), "a" if args.resume else "w") if master else None
     start = time.time()
     model.train()
-    progress = tqdm(range(args.steps), desc=f"train {args.method}")
+    progress = tqdm(range(start_step, args.steps), desc=f"train {args.method}", disable=not master,
+                    initial=start_step, total=args.steps)
     for step in progress:
         lr = learning_rate(step, args.steps, args.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = next(stream)
-        video = batch["video"].to(device)
-        camera, keyframe_mask, _ = camera_inputs(batch["w2c"].to(device), batch["K"].to(device), args.method,
-                                                 args.sparse, args.random_keyframes, generator,
-                                                 config.image_size, config.image_size)
-        out = camgeo.training_losses(model, video, batch["prompt"], camera, generator)
-        loss = out["loss"]
-        # --method camgeo (next issue) adds the teacher's distillation losses on out["x0_pred"] here
+        loss, terms = step_losses(args, model, teacher_model, geometry_loss, next(stream), step, generator, config,
+                                  device)
+        if args.debug_nan_at_step == step + 1:
+            loss = loss * float("nan")
+        finite = torch.isfinite(loss.detach()).float()
+        if world_size > 1:  # every rank stops together, or the others would wait for it forever
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if finite.item() == 0:
+            stop_on_non_finite(f"loss is {loss.item()}", step, terms, args)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), GRAD_CLIP)
+        if not torch.isfinite(grad_norm):  # the same on every rank: DDP has averaged the gradients
+            stop_on_non_finite(f"gradient norm is {grad_norm.item()}", step, terms, args)
         optimizer.step()
-        update_ema(ema, model, args.ema_decay)
+        update_ema(ema, raw_model, args.ema_decay)
 
-        record = {"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                  "time": round(time.time() - start, 2)}
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.1e}")
-        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
-            save_checkpoint(args.out, model, ema, optimizer, config, args, step + 1)
-    log.close()
-    print(f"done in {time.time() - start:.0f} s -> {os.path.join(args.out, CKPT_NAME)}")
-    return model, ema
+        if master:
+            record = {"step": step + 1, "loss": loss.item(),
+                      **{k: (v.item() if torch.is_tensor(v) else v) for k, v in terms.items()},
+                      "lr": lr, "grad_norm": grad_norm.item(), "time": round(time.time() - start, 2)}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.1e}")
+        stopping = args.debug_stop_at_step == step + 1
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps or stopping:
+            states = gathered_rng_states(generator, world_size)
+            if master:
+                save_checkpoint(args.out, raw_model, ema, optimizer, config, args, step + 1, states)
+        if stopping:
+            break
+    if master:
+        log.close()
+        print(f"done in {time.time() - start:.0f} s -> {os.path.join(args.out, CKPT_NAME)}")
+    return raw_model, ema
 
 
 if __name__ == "__main__":
     arguments = parse_args()
-    if arguments.export:
-        export_ema(*arguments.export)
-    else:
-        train(arguments)
+    try:
+        if arguments.export:
+            export_ema(*arguments.export)
+        else:
+            train(arguments)
+    except (ValueError, NonFiniteLoss) as error:
+        raise SystemExit(f"train.py: {error}")

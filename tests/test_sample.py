@@ -28,8 +28,8 @@ QUARTER_TURN_Y = [[0, 0, 1], [0, 1, 0], [-1, 0, 0]]
 def workdir(tmp_path_factory):
     """A smoke checkpoint, a reference image and a valid poses file."""
     folder = tmp_path_factory.mktemp("sample")
-    args = train.parse_args(["--preset", "smoke", "--steps", "2", "--out", str(folder / "run"), "--num-workers", "0",
-                             "--num-clips", "4"])
+    args = train.parse_args(["--preset", "smoke", "--method", "sparse", "--steps", "2", "--out", str(folder / "run"),
+                             "--num-workers", "0", "--num-clips", "4"])
     train.train(args)
     clip = data.render_clip(7, F, S, S)
     frame = (clip["video"][0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)

@@ -1,6 +1,9 @@
-"""The training script (train.py): smoke runs per method, checkpoints, keyframes, per-method camera inputs."""
+"""The training script (train.py): smoke runs per method, checkpoints, keyframes, per-method camera inputs;
+CamGeo distillation options, DistributedDataParallel under torchrun, exact resume, the NaN guard."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,17 +12,33 @@ from safetensors import safe_open
 import camgeo
 import data
 import geometry
+import teacher
 import train
 
 SMOKE = camgeo.PRESETS["smoke"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def smoke_run(tmp_path, method, steps=3, extra=()):
-    out = str(tmp_path / method)
-    args = train.parse_args(["--preset", "smoke", "--method", method, "--steps", str(steps), "--out", out,
-                             "--num-workers", "0", "--num-clips", "4", *extra])
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+    """A small teacher with random weights (the runs below test plumbing, not what the teacher knows)."""
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("teacher") / "teacher.safetensors")
+    teacher.save_teacher(teacher.VGGT(teacher.SMALL_TEACHER), path)
+    return path
+
+
+def smoke_args(tmp_path, method, steps=3, extra=(), name=None, teacher_file=None):
+    out = str(tmp_path / (name or method))
+    distill = ["--teacher", teacher_file, "--no-compile"] if method == "camgeo" else []
+    return train.parse_args(["--preset", "smoke", "--method", method, "--steps", str(steps), "--out", out,
+                             "--num-workers", "0", "--num-clips", "4", *distill, *extra])
+
+
+def smoke_run(tmp_path, method, steps=3, extra=(), name=None, teacher_file=None):
+    args = smoke_args(tmp_path, method, steps, extra, name, teacher_file)
     train.train(args)
-    return out
+    return args.out
 
 
 def batch(num_frames=8, size=16, seeds=(0, 1)):
@@ -27,13 +46,13 @@ def batch(num_frames=8, size=16, seeds=(0, 1)):
 
 
 @pytest.mark.parametrize("method", train.METHODS)
-def test_smoke_run_writes_loadable_checkpoint_and_log(tmp_path, method):
-    out = smoke_run(tmp_path, method)
+def test_smoke_run_writes_loadable_checkpoint_and_log(tmp_path, method, teacher_path):
+    out = smoke_run(tmp_path, method, teacher_file=teacher_path)
     model, info = camgeo.load_checkpoint(os.path.join(out, train.CKPT_NAME))
     assert info["method"] == method and info["step"] == 3 and info["config"] == SMOKE
     assert isinstance(model, camgeo.CamGeo)
-    optimizer_state = torch.load(os.path.join(out, train.OPTIMIZER_NAME), weights_only=True)
-    assert len(optimizer_state["state"]) == len(list(model.parameters()))
+    train_state = torch.load(os.path.join(out, train.TRAIN_STATE_NAME), weights_only=True)
+    assert train_state["step"] == 3 and len(train_state["optimizer"]["state"]) == len(list(model.parameters()))
     records = [json.loads(line) for line in open(os.path.join(out, train.LOG_NAME))]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(r["loss"])) and r["lr"] > 0 for r in records)
@@ -60,7 +79,7 @@ def test_ema_weights_differ_from_model_weights_after_training(tmp_path):
 
 def test_checkpoint_writing_leaves_no_temporary_files(tmp_path):
     out = smoke_run(tmp_path, "full", steps=2)
-    assert sorted(os.listdir(out)) == sorted([train.CKPT_NAME, train.OPTIMIZER_NAME, train.LOG_NAME])
+    assert sorted(os.listdir(out)) == sorted([train.CKPT_NAME, train.TRAIN_STATE_NAME, train.LOG_NAME])
 
 
 def test_update_ema_moves_ema_towards_model():
@@ -139,6 +158,12 @@ def test_full_conditioning_uses_every_ground_truth_pose():
     assert torch.allclose(camera[:, :, :6], geometry.plucker_embedding(K, c2w, 16, 16), atol=1e-4)
 
 
+def test_camgeo_is_the_default_method():
+    args = train.parse_args(["--sparse", "0.5"])
+    assert args.method == "camgeo" and args.out == os.path.join("out", "camgeo")
+    assert args.teacher == train.DEFAULT_TEACHER and args.compile
+
+
 def test_parse_args_defaults_output_folder_to_method():
     assert train.parse_args(["--method", "slerp"]).out == os.path.join("out", "slerp")
 
@@ -167,3 +192,179 @@ def test_export_keeps_only_ema_weights_in_half_precision_and_loads(tmp_path):
     assert info["step"] == 2
     for a, b in zip(exported.parameters(), original.parameters()):
         assert a.dtype == torch.float32 and torch.allclose(a, b, atol=1e-2, rtol=1e-3)
+
+
+# -----------------------------------------------------------------------------
+# CamGeo distillation in the loop
+
+
+def read_log(out):
+    return [json.loads(line) for line in open(os.path.join(out, train.LOG_NAME))]
+
+
+def test_camgeo_run_logs_every_loss_term_and_the_curriculum(tmp_path, teacher_path):
+    out = smoke_run(tmp_path, "camgeo", steps=3, extra=("--no-warmup",), teacher_file=teacher_path)
+    records = read_log(out)
+    for r in records:
+        assert {"loss", "loss_diff", "loss_traj", "loss_geo", "loss_geo_depth", "loss_geo_smooth", "alpha", "beta",
+                "teacher_clips"} <= r.keys()
+        expected = r["loss_diff"] + r["alpha"] * ((1 - r["beta"]) * r["loss_traj"] + r["beta"] * r["loss_geo"])
+        assert r["loss"] == pytest.approx(expected, rel=1e-5)
+    assert any(r["teacher_clips"] > 0 and r["loss_traj"] > 0 and r["loss_geo"] > 0 for r in records)
+
+
+def test_camgeo_checkpoint_holds_the_student_only(tmp_path, teacher_path):
+    out = smoke_run(tmp_path, "camgeo", steps=2, extra=("--no-warmup",), teacher_file=teacher_path)
+    with safe_open(os.path.join(out, train.CKPT_NAME), "pt") as f:
+        keys = set(f.keys())
+        options = json.loads(f.metadata()["options"])
+    names = set(camgeo.CamGeo(SMOKE).state_dict())
+    assert keys == {"model." + k for k in names} | {"ema." + k for k in names}
+    assert options["teacher"] == teacher_path and options["warmup"] is False
+
+
+def one_step_terms(tmp_path, teacher_path, step, extra=()):
+    """Losses of one CamGeo step at `step` of a 10-step schedule, with options `extra`."""
+    args = smoke_args(tmp_path, "camgeo", steps=10, extra=extra, teacher_file=teacher_path)
+    torch.manual_seed(0)
+    model = camgeo.CamGeo(SMOKE)
+    clips = batch(num_frames=SMOKE.num_frames, seeds=(0, 1, 2, 3))
+    generator = torch.Generator().manual_seed(0)
+    loss, terms = train.step_losses(args, model, train.load_teacher(teacher_path, "cpu"), camgeo.geometry_loss,
+                                    clips, step, generator, SMOKE, torch.device("cpu"))
+    return loss, terms, args
+
+
+def test_warmup_step_runs_no_teacher_and_is_the_diffusion_loss(tmp_path, teacher_path):
+    loss, terms, _ = one_step_terms(tmp_path, teacher_path, step=0)
+    assert terms["alpha"] == 0 and terms["teacher_clips"] == 0 and torch.equal(loss, terms["loss_diff"])
+
+
+@pytest.mark.parametrize("extra, check", [
+    (("--no-warmup",), lambda terms, args: terms["alpha"] == 1.0),
+    (("--schedule", "linear"), lambda terms, args: (terms["alpha"], terms["beta"]) == camgeo.curriculum_weights(
+        6, 10, "linear")),
+    (("--smoothness-weight", "0"), lambda terms, args: terms["loss_geo"] == terms["loss_geo_depth"]),
+    (("--geo-gate", "printed"), lambda terms, args: True),
+])
+def test_each_curriculum_option_reaches_the_loss(tmp_path, teacher_path, extra, check):
+    loss, terms, args = one_step_terms(tmp_path, teacher_path, step=6, extra=("--teacher-fraction", "1", *extra))
+    assert terms["teacher_clips"] > 0 and check(terms, args)
+    geo_factor = 1.0 if args.geo_gate == "printed" else terms["beta"]
+    expected = terms["loss_diff"] + terms["alpha"] * ((1 - terms["beta"]) * terms["loss_traj"]
+                                                      + geo_factor * terms["loss_geo"])
+    assert torch.allclose(loss, expected)
+
+
+def test_teacher_gate_and_fraction_limit_the_clips_the_teacher_sees(tmp_path, teacher_path):
+    _, terms, _ = one_step_terms(tmp_path, teacher_path, step=6, extra=("--teacher-fraction", "0.25"))
+    assert terms["teacher_clips"] <= 1
+    _, terms, _ = one_step_terms(tmp_path, teacher_path, step=6, extra=("--teacher-t-max", "1e-6"))
+    assert terms["teacher_clips"] == 0 and terms["loss_traj"] == 0
+
+
+def test_distillation_gradient_reaches_the_student_through_the_frozen_teacher(tmp_path, teacher_path):
+    args = smoke_args(tmp_path, "camgeo", steps=10, extra=("--teacher-fraction", "1"), teacher_file=teacher_path)
+    teacher_model = train.load_teacher(teacher_path, "cpu")
+    torch.manual_seed(0)
+    model = camgeo.CamGeo(SMOKE)
+    test_camgeo_randomise = [p.data.normal_(0, 0.02) for n, p in model.named_parameters() if "final_layer" in n]
+    clips = batch(num_frames=SMOKE.num_frames, seeds=(0, 1, 2, 3))
+    _, terms = train.step_losses(args, model, teacher_model, camgeo.geometry_loss, clips, 6,
+                                 torch.Generator().manual_seed(0), SMOKE, torch.device("cpu"))
+    (terms["loss_traj"] + terms["loss_geo"]).backward()
+    assert test_camgeo_randomise and model.final_layer.linear.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher_model.parameters())
+
+
+def test_compile_falls_back_to_eager_with_a_note_when_compilation_fails(monkeypatch, capsys):
+    def broken_compile(fn, **kwargs):
+        def compiled(*args, **kw):
+            raise RuntimeError("no C compiler")
+        return compiled
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    geometry_loss = train.make_geometry_loss(True)
+    depth = torch.rand(1, 3, 8, 8) + 1
+    w2c = torch.eye(4)[:3].expand(1, 3, 3, 4)
+    K = torch.tensor([[8.0, 0, 4], [0, 8.0, 4], [0, 0, 1]]).expand(1, 3, 3, 3)
+    frames = torch.rand(1, 3, 3, 8, 8)
+    result = geometry_loss(depth, w2c, K, frames)
+    assert torch.equal(result[0], camgeo.geometry_loss(depth, w2c, K, frames)[0])
+    assert "running it eagerly" in capsys.readouterr().out
+
+
+def test_missing_teacher_is_a_clear_error(tmp_path):
+    args = smoke_args(tmp_path, "camgeo", teacher_file=str(tmp_path / "absent.safetensors"))
+    with pytest.raises(ValueError, match="teacher checkpoint .* not found"):
+        train.train(args)
+
+
+def test_sampling_never_imports_the_teacher():
+    code = "import sys, sample; print('teacher' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "False"
+
+
+# -----------------------------------------------------------------------------
+# runs that survive: resume, NaN guard, DDP
+
+
+def checkpoint_tensors(out):
+    with safe_open(os.path.join(out, train.CKPT_NAME), "pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_run(tmp_path, teacher_path):
+    extra = ("--no-warmup", "--teacher-fraction", "0.5", "--ckpt-every", "100")
+    whole = smoke_run(tmp_path, "camgeo", steps=6, extra=extra, name="whole", teacher_file=teacher_path)
+    pieces = smoke_run(tmp_path, "camgeo", steps=6, extra=(*extra, "--debug-stop-at-step", "3"), name="pieces",
+                       teacher_file=teacher_path)
+    assert len(read_log(pieces)) == 3
+    smoke_run(tmp_path, "camgeo", steps=6, extra=(*extra, "--resume"), name="pieces", teacher_file=teacher_path)
+    a, b = checkpoint_tensors(whole), checkpoint_tensors(pieces)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    state_a = torch.load(os.path.join(whole, train.TRAIN_STATE_NAME), weights_only=True)
+    state_b = torch.load(os.path.join(pieces, train.TRAIN_STATE_NAME), weights_only=True)
+    for key, moments in state_a["optimizer"]["state"].items():
+        assert all(torch.equal(moments[name], state_b["optimizer"]["state"][key][name]) for name in moments)
+    drop_time = [{k: v for k, v in r.items() if k != "time"} for r in read_log(whole)]
+    assert drop_time == [{k: v for k, v in r.items() if k != "time"} for r in read_log(pieces)]
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="--resume: no"):
+        train.train(smoke_args(tmp_path, "sparse", extra=("--resume",)))
+
+
+def test_nan_loss_stops_the_run_and_leaves_the_last_checkpoint_intact(tmp_path):
+    reference = smoke_run(tmp_path, "sparse", steps=6, extra=("--debug-stop-at-step", "4"), name="reference")
+    args = smoke_args(tmp_path, "sparse", steps=6, extra=("--ckpt-every", "2", "--debug-nan-at-step", "5"))
+    with pytest.raises(train.NonFiniteLoss, match="step 5"):
+        train.train(args)
+    assert sorted(os.listdir(args.out)) == sorted([train.CKPT_NAME, train.TRAIN_STATE_NAME, train.LOG_NAME])
+    _, info = camgeo.load_checkpoint(os.path.join(args.out, train.CKPT_NAME))
+    assert info["step"] == 4
+    a, b = checkpoint_tensors(reference), checkpoint_tensors(args.out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_ends_the_command_with_a_one_line_message(tmp_path):
+    command = [sys.executable, "train.py", "--preset", "smoke", "--method", "sparse", "--steps", "3",
+               "--num-workers", "0", "--num-clips", "4", "--out", str(tmp_path / "run"), "--debug-nan-at-step", "2"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("train.py: loss is nan at step 2")
+
+
+def test_torchrun_with_two_processes_trains_with_ddp_and_rank_zero_saves(tmp_path, teacher_path):
+    out = str(tmp_path / "ddp")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+               "--preset", "smoke", "--steps", "2", "--num-workers", "0", "--num-clips", "4", "--out", out,
+               "--teacher", teacher_path, "--no-compile", "--no-warmup", "--threads", "1"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "x 2 processes" in result.stdout and result.stdout.count("done in") == 1
+    assert [r["step"] for r in read_log(out)] == [1, 2]
+    _, info = camgeo.load_checkpoint(os.path.join(out, train.CKPT_NAME))
+    assert info["method"] == "camgeo" and info["step"] == 2
+    assert len(torch.load(os.path.join(out, train.TRAIN_STATE_NAME), weights_only=True)["rng"]) == 2
