@@ -265,7 +265,7 @@ def bench_sampling(device, config, repeats, num_steps):
             optimizer = torch.optim.AdamW(model.parameters())
             train.save_checkpoint(folder, model, ema, optimizer, config, args, 0, [])
             loaded, info = camgeo.load_checkpoint(os.path.join(folder, train.CKPT_NAME), device=device)
-            camera, _, _ = train.camera_inputs(clip["w2c"][None], clip["K"][None], method, 0.5,
+            camera, _, _ = camgeo.camera_inputs(clip["w2c"][None], clip["K"][None], method, 0.5,
                                                height=config.image_size, width=config.image_size)
             reference = clip["video"][None, 0].to(device)
 

@@ -74,15 +74,21 @@ TIMESTEP_FREQUENCY_SCALE = 1000.0  # t in [0, 1] is scaled like DiT's integer st
 # conditioning inputs: keyframes, cameras, prompts
 
 
-def keyframe_indices(num_frames, ratio):
-    """Frames that get a pose at sparsity `ratio`: frame 0 always, the rest evenly spaced with the last frame
-    included; count = max(2, round(ratio * num_frames)) (two, so that every clip has a start and an end pose).
-    Returns a sorted LongTensor of unique indices."""
+def keyframe_count(num_frames, ratio):
+    """How many frames get a pose at sparsity `ratio`: max(2, round(ratio * F)), at most F (two, so that every
+    clip has a start and an end pose)."""
     if num_frames < 2:
         raise ValueError(f"need at least 2 frames for keyframes, got {num_frames}")
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"keyframe ratio must be in (0, 1], got {ratio}")
-    count = min(num_frames, max(2, round(ratio * num_frames)))
+    return min(num_frames, max(2, round(ratio * num_frames)))
+
+
+def keyframe_indices(num_frames, ratio):
+    """Frames that get a pose at sparsity `ratio`: frame 0 always, the rest evenly spaced with the last frame
+    included; count = max(2, round(ratio * num_frames)) (two, so that every clip has a start and an end pose).
+    Returns a sorted LongTensor of unique indices."""
+    count = keyframe_count(num_frames, ratio)
     # evenly spaced positions from 0 to F-1, rounded; distinct because count <= num_frames
     positions = torch.linspace(0, num_frames - 1, count).round().long()
     return torch.unique(positions)
@@ -90,7 +96,7 @@ def keyframe_indices(num_frames, ratio):
 
 def random_keyframe_mask(batch_size, num_frames, ratio, generator=None):
     """(B, F) float mask: frame 0 plus (count - 1) other frames drawn at random per sample."""
-    count = min(num_frames, max(2, round(ratio * num_frames)))
+    count = keyframe_count(num_frames, ratio)
     mask = torch.zeros(batch_size, num_frames)
     mask[:, 0] = 1
     for b in range(batch_size):
@@ -148,6 +154,29 @@ def camera_conditioning(w2c, K, keyframe_mask, height, width):
     plucker = geometry.plucker_embedding(K, c2w, height, width)  # (B, F, 6, H, W)
     mask_map = mask[..., None, None, None].expand(-1, -1, 1, height, width)  # (B, F, 1, H, W)
     return torch.cat([plucker * mask_map, mask_map], dim=2)
+
+
+def camera_inputs(w2c, K, method, ratio, random_keyframes=False, generator=None, height=32, width=32):
+    """Ground-truth cameras of a batch -> what the denoiser is conditioned on for `method`.
+
+    w2c (B, F, 4, 4), K (B, 3, 3) pixels. Returns (camera (B, F, 7, H, W) for the model, keyframe_mask (B, F)
+    marking the frames whose true pose was given, w2c_conditioned (B, F, 4, 4) the poses actually used)."""
+    B, num_frames = w2c.shape[:2]
+    if method == "full":
+        keyframe_mask = torch.ones(B, num_frames)
+    elif random_keyframes:
+        keyframe_mask = random_keyframe_mask(B, num_frames, ratio, generator)
+    else:
+        keyframe_mask = torch.zeros(B, num_frames)
+        keyframe_mask[:, keyframe_indices(num_frames, ratio)] = 1
+    keyframe_mask = keyframe_mask.to(w2c.device)
+    conditioning_mask = keyframe_mask
+    if method in ("linear", "slerp"):
+        w2c = fill_missing_poses(w2c, keyframe_mask, method)
+        conditioning_mask = torch.ones_like(keyframe_mask)  # interpolated poses are given as if known
+    K_frames = intrinsics_vector(K)[:, None].expand(B, num_frames, 4)
+    camera = camera_conditioning(w2c, K_frames, conditioning_mask, height, width)
+    return camera, keyframe_mask, w2c
 
 
 def tokenize(prompts, vocab_size):

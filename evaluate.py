@@ -528,20 +528,12 @@ def ensure_checkpoint(run, preset, out_dir, device, threads):
 
 
 def camera_for(clip, method, ratio, size):
-    """What a checkpoint of `method` is conditioned on for this clip: (1, F, 7, size, size).
-    Sparse-style methods (sparse, camgeo and its ablations) get the keyframe poses and the mask; linear / SLERP
-    get the keyframes interpolated to every frame; full gets every pose."""
-    num_frames = clip.c2w.shape[0]
-    w2c = geometry.invert_pose(clip.c2w)[None]  # (1, F, 4, 4)
-    mask = torch.ones(1, num_frames)
-    if method != "full":
-        mask = torch.zeros(1, num_frames)
-        mask[:, camgeo.keyframe_indices(num_frames, ratio)] = 1
-    if method in ("linear", "slerp"):
-        w2c = camgeo.fill_missing_poses(w2c, mask, method)
-        mask = torch.ones_like(mask)
-    K = camgeo.intrinsics_vector(clip.K)[None, None].expand(1, num_frames, 4)
-    return camgeo.camera_conditioning(w2c, K, mask, size, size)
+    """What a checkpoint of `method` is conditioned on for this clip: (1, F, 7, size, size), exactly as in
+    training (camgeo.camera_inputs: keyframes and mask for the sparse-style methods, interpolated poses for
+    linear / SLERP, every pose for full)."""
+    camera, _, _ = camgeo.camera_inputs(geometry.invert_pose(clip.c2w)[None], clip.K[None], method, ratio,
+                                        height=size, width=size)
+    return camera
 
 
 def generate(ckpt, run, clips, preset, device):

@@ -25,7 +25,7 @@ random-number states of every rank: what --resume needs to continue exactly as a
 loadable with torch.load(weights_only=True)) and log.jsonl (one line per step: the loss and each of its terms,
 alpha and beta of the curriculum, lr, grad norm). sample.py reads ckpt.safetensors and never the teacher.
 
-Camera conditioning per method (keyframes: camera_inputs below):
+Camera conditioning per method (keyframes: camgeo.camera_inputs):
   camgeo / sparse  poses at the keyframes only, keyframe mask 1 there and 0 elsewhere (the model sees what is
           missing); camgeo adds the teacher's losses on the predicted video (CamGeo distillation in camgeo.py)
   full    every pose, mask all ones
@@ -138,29 +138,6 @@ def parse_args(argv=None):
 
 # -----------------------------------------------------------------------------
 # camera conditioning per method
-
-
-def camera_inputs(w2c, K, method, ratio, random_keyframes=False, generator=None, height=32, width=32):
-    """Ground-truth cameras of a batch -> what the denoiser is conditioned on for `method`.
-
-    w2c (B, F, 4, 4), K (B, 3, 3) pixels. Returns (camera (B, F, 7, H, W) for the model, keyframe_mask (B, F)
-    marking the frames whose true pose was given, w2c_conditioned (B, F, 4, 4) the poses actually used)."""
-    B, num_frames = w2c.shape[:2]
-    if method == "full":
-        keyframe_mask = torch.ones(B, num_frames)
-    elif random_keyframes:
-        keyframe_mask = camgeo.random_keyframe_mask(B, num_frames, ratio, generator)
-    else:
-        keyframe_mask = torch.zeros(B, num_frames)
-        keyframe_mask[:, camgeo.keyframe_indices(num_frames, ratio)] = 1
-    keyframe_mask = keyframe_mask.to(w2c.device)
-    conditioning_mask = keyframe_mask
-    if method in ("linear", "slerp"):
-        w2c = camgeo.fill_missing_poses(w2c, keyframe_mask, method)
-        conditioning_mask = torch.ones_like(keyframe_mask)  # interpolated poses are given as if known
-    K_frames = camgeo.intrinsics_vector(K)[:, None].expand(B, num_frames, 4)
-    camera = camgeo.camera_conditioning(w2c, K_frames, conditioning_mask, height, width)
-    return camera, keyframe_mask, w2c
 
 
 # -----------------------------------------------------------------------------
@@ -426,8 +403,8 @@ def step_losses(args, model, teacher_model, geometry_loss, batch, step, generato
     """One step's loss -> (loss to minimise, dict of the terms: loss_diff and, for camgeo, alpha, beta, loss_traj,
     loss_geo (= loss_geo_depth + smoothness weight * loss_geo_smooth), teacher_clips)."""
     video, w2c, K = batch["video"].to(device), batch["w2c"].to(device), batch["K"].to(device)
-    camera, keyframe_mask, _ = camera_inputs(w2c, K, args.method, args.sparse, args.random_keyframes, generator,
-                                             config.image_size, config.image_size)
+    camera, keyframe_mask, _ = camgeo.camera_inputs(w2c, K, args.method, args.sparse, args.random_keyframes,
+                                                    generator, config.image_size, config.image_size)
     out = camgeo.training_losses(model, video, batch["prompt"], camera, generator)
     terms = {"loss_diff": out["loss"]}
     if args.method != "camgeo":

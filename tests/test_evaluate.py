@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
+import camgeo
 import data
 import evaluate
 import geometry
-import train
 
 
 def rotation_degrees(c2w_a, c2w_b):
@@ -67,7 +67,7 @@ def test_estimated_path_of_a_ground_truth_clip_is_far_closer_than_a_still_camera
 @pytest.mark.parametrize("method", ["sparse", "full", "linear", "slerp"])
 def test_camera_given_to_each_method_matches_training(clip, method):
     w2c = geometry.invert_pose(clip.c2w)[None]
-    expected, _, _ = train.camera_inputs(w2c, clip.K[None], method, 0.5, height=32, width=32)
+    expected, _, _ = camgeo.camera_inputs(w2c, clip.K[None], method, 0.5, height=32, width=32)
     assert torch.allclose(evaluate.camera_for(clip, method, 0.5, 32), expected, atol=1e-6)
 
 

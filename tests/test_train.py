@@ -126,7 +126,7 @@ def test_random_keyframes_have_frame_zero_and_the_stated_count():
 @pytest.mark.parametrize("method", ["linear", "slerp"])
 def test_interpolated_poses_equal_ground_truth_at_keyframes(method):
     clips = batch()
-    _, keyframe_mask, w2c_used = train.camera_inputs(clips["w2c"], clips["K"], method, 1 / 3, height=16, width=16)
+    _, keyframe_mask, w2c_used = camgeo.camera_inputs(clips["w2c"], clips["K"], method, 1 / 3, height=16, width=16)
     keyframes = keyframe_mask[0].bool()
     assert torch.allclose(w2c_used[:, keyframes], clips["w2c"][:, keyframes], atol=1e-5)
     assert not torch.allclose(w2c_used[:, ~keyframes], clips["w2c"][:, ~keyframes], atol=1e-4)
@@ -135,8 +135,8 @@ def test_interpolated_poses_equal_ground_truth_at_keyframes(method):
 @pytest.mark.parametrize("method", ["linear", "slerp"])
 def test_interpolated_conditioning_equals_sparse_conditioning_at_keyframes_and_is_all_given(method):
     clips = batch()
-    sparse, mask, _ = train.camera_inputs(clips["w2c"], clips["K"], "sparse", 1 / 3, height=16, width=16)
-    filled, _, _ = train.camera_inputs(clips["w2c"], clips["K"], method, 1 / 3, height=16, width=16)
+    sparse, mask, _ = camgeo.camera_inputs(clips["w2c"], clips["K"], "sparse", 1 / 3, height=16, width=16)
+    filled, _, _ = camgeo.camera_inputs(clips["w2c"], clips["K"], method, 1 / 3, height=16, width=16)
     keyframes = mask[0].bool()
     assert torch.allclose(filled[:, keyframes], sparse[:, keyframes], atol=1e-4)
     assert torch.all(filled[:, :, 6] == 1)  # interpolated poses are given as if known
@@ -144,14 +144,14 @@ def test_interpolated_conditioning_equals_sparse_conditioning_at_keyframes_and_i
 
 def test_sparse_conditioning_is_zero_away_from_keyframes():
     clips = batch()
-    camera, mask, _ = train.camera_inputs(clips["w2c"], clips["K"], "sparse", 1 / 2, height=16, width=16)
+    camera, mask, _ = camgeo.camera_inputs(clips["w2c"], clips["K"], "sparse", 1 / 2, height=16, width=16)
     assert torch.count_nonzero(camera[:, ~mask[0].bool()]) == 0
     assert torch.all(camera[:, mask[0].bool(), 6] == 1)
 
 
 def test_full_conditioning_uses_every_ground_truth_pose():
     clips = batch()
-    camera, mask, w2c_used = train.camera_inputs(clips["w2c"], clips["K"], "full", 1 / 4, height=16, width=16)
+    camera, mask, w2c_used = camgeo.camera_inputs(clips["w2c"], clips["K"], "full", 1 / 4, height=16, width=16)
     assert torch.all(mask == 1) and torch.equal(w2c_used, clips["w2c"])
     c2w = geometry.normalize_translation(geometry.relative_to_first(geometry.invert_pose(clips["w2c"])))
     K = camgeo.intrinsics_vector(clips["K"])[:, None].expand(-1, 8, -1)
