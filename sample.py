@@ -257,7 +257,8 @@ def load_student(path, device):
 
 
 def conditioning_for(poses, method, size):
-    """Model camera input (1, F, 7, H, W) from parsed poses, the way the checkpoint's method was trained."""
+    """Model camera input (1, F, camgeo.CAMERA_CHANNELS, H, W) from parsed poses, the way the checkpoint's
+    method was trained."""
     w2c = torch.tensor(poses["w2c"], dtype=torch.float32)[None]
     mask = torch.tensor(poses["keyframe_mask"], dtype=torch.float32)[None]
     K = torch.tensor(poses["K_normalised"], dtype=torch.float32)[None] * size  # normalised -> pixels

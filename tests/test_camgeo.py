@@ -84,7 +84,7 @@ def test_missing_pose_differs_from_identity_pose_in_conditioning():
     mask[0, 1] = 0
     missing = camgeo.camera_conditioning(eye, intrinsics(1, F), mask, S, S)
     assert torch.count_nonzero(missing[0, 1]) == 0  # no pose: all channels zero, mask channel included
-    assert torch.all(given[0, 1, 6] == 1)  # identity pose: the mask channel says "given"
+    assert torch.all(given[0, 1, -1] == 1)  # identity pose: the mask channel (last) says "given"
 
 
 def test_keyframe_mask_changes_model_output():
@@ -122,6 +122,47 @@ def test_camera_conditioning_scale_comes_from_given_poses_only():
     other = w2c.clone()
     other[0, 1, :3, 3] *= 100  # a far-away pose that is not given must not change the scale
     assert torch.allclose(camera, camgeo.camera_conditioning(other, intrinsics(1, F), mask, S, S))
+
+
+def test_reference_grid_is_the_identity_for_the_reference_pose():
+    eye = torch.eye(4).expand(1, F, 4, 4)
+    camera = camgeo.camera_conditioning(eye, intrinsics(1, F), torch.ones(1, F), S, S)
+    reference = torch.rand(1, 3, S, S)
+    resampled = torch.nn.functional.grid_sample(reference, camera[:, 1, 6:8].permute(0, 2, 3, 1),
+                                                align_corners=False)
+    torch.testing.assert_close(resampled, reference, atol=1e-5, rtol=0)
+
+
+def test_reference_grid_matches_projecting_far_points_into_the_reference():
+    """Independent derivation: put each pixel's point a million units away, move it into frame 0 with the full
+    pose (translation included: it must not matter at infinity) and project it with K."""
+    w2c = random_w2c(1, F, seed=11).double()
+    K = intrinsics(1, F).double()
+    camera = camgeo.camera_conditioning(w2c, K, torch.ones(1, F), S, S)
+    K3 = torch.tensor([[K[0, 0, 0], 0, K[0, 0, 2]], [0, K[0, 0, 1], K[0, 0, 3]], [0, 0, 1]], dtype=torch.float64)
+    c2w = geometry.relative_to_first(geometry.invert_pose(w2c))[0]  # (F, 4, 4), frame 0 = I
+    far = geometry.unproject_depth(torch.full((F, S, S), 1e6, dtype=torch.float64), K3.expand(F, 3, 3))
+    uv, z = geometry.project_points(geometry.transform_points(c2w, far), K3.expand(F, 3, 3))
+    expected = uv / S * 2 - 1  # grid_sample coordinates, align_corners=False
+    grid = camera[0, :, 6:8].permute(0, 2, 3, 1)  # (F, S, S, 2)
+    lands = (z > 0) & (expected.abs() < 2).all(-1)
+    torch.testing.assert_close(grid[lands], expected[lands], atol=1e-4, rtol=0)
+    assert lands.float().mean() > 0.25  # not vacuous: a good part of each frame sees the reference
+    assert torch.all(grid[~lands].abs().amax(-1) == 2)  # behind the camera or far off: clamped outside the image
+
+
+def test_dropped_camera_hides_the_resampled_reference_too():
+    """Guidance's unconditional branch must not see the camera through the resampled reference."""
+    model = camgeo.CamGeo(CONFIG).eval()
+    randomise_zero_layers(model)
+    video, prompts, camera = inputs()
+    _, _, other_camera = inputs(seed=9)
+    t, drop = torch.tensor([0.5, 0.5]), torch.tensor([True, True])
+    a = model(video, t, video[:, 0], prompts, camera, force_drop=drop)
+    b = model(video, t, video[:, 0], prompts, other_camera, force_drop=drop)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(model(video, t, video[:, 0], prompts, camera),
+                              model(video, t, video[:, 0], prompts, other_camera), atol=1e-4)
 
 
 def test_camera_conditioning_rejects_missing_frame_zero():
@@ -162,8 +203,8 @@ def test_tokenize_offsets_mark_where_each_prompt_starts():
 
 def test_camera_dropout_replaces_camera_tokens_with_null_embedding():
     embedder = camgeo.CameraEmbedder(4, 8, drop_prob=0.0).eval()
-    camera = torch.randn(2, F, 7, S, S)
-    out = embedder(camera, force_drop=torch.tensor([True, False]))
+    camera = torch.randn(2, F, camgeo.CAMERA_CHANNELS, S, S)
+    out = embedder(camera, torch.tensor([True, False]))
     assert torch.equal(out[0], embedder.null_embedding.expand_as(out[0]))
     assert not torch.allclose(out[1], embedder.null_embedding.expand_as(out[1]))
 
