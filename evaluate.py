@@ -528,8 +528,8 @@ def ensure_checkpoint(run, preset, out_dir, device, threads):
 
 
 def camera_for(clip, method, ratio, size):
-    """What a checkpoint of `method` is conditioned on for this clip: (1, F, 7, size, size), exactly as in
-    training (camgeo.camera_inputs: keyframes and mask for the sparse-style methods, interpolated poses for
+    """What a checkpoint of `method` is conditioned on for this clip: (1, F, camgeo.CAMERA_CHANNELS, size, size),
+    as in training (camgeo.camera_inputs: keyframes and mask for the sparse-style methods, interpolated poses for
     linear / SLERP, every pose for full)."""
     camera, _, _ = camgeo.camera_inputs(geometry.invert_pose(clip.c2w)[None], clip.K[None], method, ratio,
                                         height=size, width=size)
@@ -723,6 +723,39 @@ def draw_frames(clips, named_videos, path, scale=3):
 # Command line
 
 
+def check_camera_following(ckpt, num_clips, sample_steps, cfg_scale, device):
+    """Does a checkpoint follow the cameras it is given? A quick check, no camera estimation: PSNR and SSIM
+    against the ground truth (frames 1..F-1; keyframes and in-between frames apart) of its samples on held-out
+    clips with their own cameras and with another clip's cameras (each clip takes the next one's: the image and
+    prompt stay, only the camera is wrong), next to simply repeating the reference frame. Returns Markdown."""
+    model, info = camgeo.load_checkpoint(ckpt, weights="ema", device=device)
+    config, method = info["config"], info["method"]
+    ratio = info["options"].get("sparse", 0.5)
+    clips = held_out_clips(num_clips, config.num_frames, config.image_size)
+    truth = torch.stack([clip.video for clip in clips])  # (C, F, 3, H, W)
+    reference, prompts = truth[:, 0], [clip.prompt for clip in clips]
+    cameras = torch.cat([camera_for(clip, method, ratio, config.image_size) for clip in clips])
+    videos = {"repeat the reference frame": reference[:, None].expand_as(truth)}
+    for name, camera in (("samples, own cameras", cameras), ("samples, another clip's cameras", cameras.roll(1, 0))):
+        with torch.no_grad():
+            videos[name] = camgeo.sample(model, reference.to(device), prompts, camera.to(device), sample_steps,
+                                         cfg_scale, seed=SAMPLE_SEED).cpu()
+    keyframes = set(camgeo.keyframe_indices(config.num_frames, ratio).tolist()) - {0}
+    groups = {"frames 1..F-1": [f for f in range(1, config.num_frames)],
+              "keyframes": sorted(keyframes), "in between": sorted(set(range(1, config.num_frames)) - keyframes)}
+    groups = {name: frames for name, frames in groups.items() if frames}  # Full / 1-keyframe ratios leave none
+    header = " | ".join(f"PSNR {g} | SSIM {g}" for g in groups)
+    lines = [f"`{ckpt}` ({method}, {ratio_label(ratio)} keyframes {sorted(keyframes | {0})}, step {info['step']}): "
+             f"{num_clips} held-out clips, {sample_steps} Euler steps, guidance {cfg_scale}", "",
+             f"| video | {header} |", "|---|" + "---|" * 2 * len(groups)]
+    for name, video in videos.items():
+        cells = [f"{metric(video[:, frames], truth[:, frames]).item():.2f}" if metric is geometry.psnr else
+                 f"{metric(video[:, frames], truth[:, frames]).item():.3f}"
+                 for frames in groups.values() for metric in (geometry.psnr, geometry.ssim)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run_study(args):
     preset = dataclasses.replace(STUDY_PRESETS[args.preset])  # a copy: the options below override it
     for name in ("clips", "ratios", "seeds", "sample_steps"):
@@ -818,6 +851,10 @@ def parse_args(argv=None):
                         help="processes estimating cameras in parallel (CPU; e.g. 8 on a 16-core GPU machine)")
     parser.add_argument("--validate", action="store_true",
                         help="only measure the estimator on ground-truth videos (-> OUT/validation.md)")
+    parser.add_argument("--check", metavar="CKPT",
+                        help="only check whether one student checkpoint follows its cameras (PSNR / SSIM with its "
+                             "own and with another clip's cameras, vs repeating the reference; --clips, default 16)")
+    parser.add_argument("--cfg", type=float, default=1.0, help="--check: guidance scale")
     parser.add_argument("--frames", type=int, default=8, help="--validate: frames per clip")
     parser.add_argument("--size", type=int, default=32, help="--validate: pixels")
     args = parser.parse_args(argv)
@@ -848,6 +885,9 @@ def main(argv=None):
         with open(os.path.join(args.out, "validation.md"), "w") as f:
             f.write(f"# Camera estimator validation\n\n`{command}`\n\n{report}\n")
         print(report)
+        return
+    if args.check:
+        print(check_camera_following(args.check, args.clips or 16, args.sample_steps or 25, args.cfg, args.device))
         return
     run_study(args)
 

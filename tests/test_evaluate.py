@@ -134,3 +134,17 @@ def test_smoke_study_reuses_its_checkpoint(smoke_study, capsys):
 def test_unknown_method_is_a_one_line_error(tmp_path):
     with pytest.raises(ValueError, match="unknown method"):
         evaluate.main(["--preset", "smoke", "--methods", "sparse,teleport", "--out", str(tmp_path)])
+
+
+def test_check_reports_own_and_wrong_cameras_next_to_repeating_the_reference(smoke_study, capsys):
+    ckpt = next(os.path.join(root, "ckpt.safetensors") for root, _, files in os.walk(smoke_study)
+                if "ckpt.safetensors" in files)
+    evaluate.main(["--check", ckpt, "--clips", "3", "--sample-steps", "2"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [row.split(" | ")[0] for row in rows[1:]] == [
+        "| repeat the reference frame", "| samples, own cameras", "| samples, another clip's cameras"]
+    model, info = camgeo.load_checkpoint(ckpt)
+    size, frames = info["config"].image_size, info["config"].num_frames
+    truth = torch.stack([c.video for c in evaluate.held_out_clips(3, frames, size)])
+    repeat = geometry.psnr(truth[:, :1].expand_as(truth)[:, 1:], truth[:, 1:]).item()
+    assert float(rows[1].split(" | ")[1]) == pytest.approx(repeat, abs=0.006)  # the first column, independently

@@ -190,6 +190,17 @@ def test_checkpoint_with_missing_and_unexpected_keys_names_them(workdir):
     assert_one_line_error(result, "final_layer.linear.bias", "extra.weight")
 
 
+def test_checkpoint_with_wrong_shapes_names_them(workdir):
+    """E.g. a checkpoint saved before the camera input grew from 7 to 9 channels."""
+    model = camgeo.CamGeo(SMOKE)
+    tensors = {"ema." + k: v.contiguous() for k, v in model.state_dict().items()}
+    tensors["ema.camera_embedder.proj.weight"] = tensors["ema.camera_embedder.proj.weight"][:, :7].contiguous()
+    path = str(workdir / "old.safetensors")
+    save_file(tensors, path, metadata={"config": camgeo.config_to_json(SMOKE), "method": "sparse", "step": "0"})
+    result = run_sample(workdir, workdir / "ref.png", workdir / "poses.json", ckpt=path, in_process=True)
+    assert_one_line_error(result, "camera_embedder.proj.weight", "shapes do not match")
+
+
 def test_file_that_is_not_a_checkpoint_gives_one_line_error(workdir):
     (workdir / "junk.safetensors").write_bytes(b"\x00" * 64)
     result = run_sample(workdir, workdir / "ref.png", workdir / "poses.json", ckpt=str(workdir / "junk.safetensors"),
