@@ -723,11 +723,12 @@ def draw_frames(clips, named_videos, path, scale=3):
 # Command line
 
 
-def check_camera_following(ckpt, num_clips, sample_steps, cfg_scale, device):
+def check_camera_following(ckpt, num_clips, sample_steps, cfg_scale, device, frames_png=None):
     """Does a checkpoint follow the cameras it is given? A quick check, no camera estimation: PSNR and SSIM
     against the ground truth (frames 1..F-1; keyframes and in-between frames apart) of its samples on held-out
     clips with their own cameras and with another clip's cameras (each clip takes the next one's: the image and
-    prompt stay, only the camera is wrong), next to simply repeating the reference frame. Returns Markdown."""
+    prompt stay, only the camera is wrong), next to simply repeating the reference frame. Returns Markdown;
+    frames_png: also draw the first four clips (ground truth, own cameras, another clip's cameras)."""
     model, info = camgeo.load_checkpoint(ckpt, weights="ema", device=device)
     config, method = info["config"], info["method"]
     ratio = info["options"].get("sparse", 0.5)
@@ -740,6 +741,9 @@ def check_camera_following(ckpt, num_clips, sample_steps, cfg_scale, device):
         with torch.no_grad():
             videos[name] = camgeo.sample(model, reference.to(device), prompts, camera.to(device), sample_steps,
                                          cfg_scale, seed=SAMPLE_SEED).cpu()
+    if frames_png:
+        draw_frames(clips[:4], [(name.split(", ")[1], video[:4]) for name, video in videos.items()
+                                if name.startswith("samples")], frames_png)
     keyframes = set(camgeo.keyframe_indices(config.num_frames, ratio).tolist()) - {0}
     groups = {"frames 1..F-1": [f for f in range(1, config.num_frames)],
               "keyframes": sorted(keyframes), "in between": sorted(set(range(1, config.num_frames)) - keyframes)}
@@ -853,7 +857,8 @@ def parse_args(argv=None):
                         help="only measure the estimator on ground-truth videos (-> OUT/validation.md)")
     parser.add_argument("--check", metavar="CKPT",
                         help="only check whether one student checkpoint follows its cameras (PSNR / SSIM with its "
-                             "own and with another clip's cameras, vs repeating the reference; --clips, default 16)")
+                             "own and with another clip's cameras, vs repeating the reference; --clips, default 16; "
+                             "-> OUT/check_frames.png)")
     parser.add_argument("--cfg", type=float, default=1.0, help="--check: guidance scale")
     parser.add_argument("--frames", type=int, default=8, help="--validate: frames per clip")
     parser.add_argument("--size", type=int, default=32, help="--validate: pixels")
@@ -887,7 +892,11 @@ def main(argv=None):
         print(report)
         return
     if args.check:
-        print(check_camera_following(args.check, args.clips or 16, args.sample_steps or 25, args.cfg, args.device))
+        os.makedirs(args.out, exist_ok=True)
+        frames_png = os.path.join(args.out, "check_frames.png")
+        print(check_camera_following(args.check, args.clips or 16, args.sample_steps or 25, args.cfg, args.device,
+                                     frames_png))
+        print(f"-> {frames_png}")
         return
     run_study(args)
 
