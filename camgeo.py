@@ -721,9 +721,6 @@ def geometry_loss(depth, w2c, K, frames, spans=GEO_SPANS, gamma=GEO_GAMMA, eta=G
     x, y, z = (depth_a * (row[:, 0] * u + row[:, 1] * v + row[:, 2]) + row[:, 3] for row in pixel_map.unbind(1))
     z_safe = torch.where(z > geometry.DEPTH_EPS, z, torch.full_like(z, geometry.DEPTH_EPS))
     uv = torch.stack([x / z_safe, y / z_safe], dim=-1)  # (N, H, W, 2) pixels of frame f + k
-    # Far outside the image every point is invalid anyway; bounding uv keeps grid_sample's backward on finite
-    # coordinates (with NaN / huge ones it indexes out of bounds: NaN gradients, or a crash).
-    uv = torch.nan_to_num(uv, nan=-float(H + W)).clamp(-float(H + W), 2.0 * (H + W))
     sampled_b = geometry.sample_at(depth_b[:, None], uv)[:, 0]  # (N, H, W)
     valid = (geometry.in_view(uv, H, W, geometry.CONSISTENCY_VIEW_MARGIN) & (z > geometry.DEPTH_EPS)
              & (depth_a > geometry.DEPTH_EPS) & (sampled_b > geometry.DEPTH_EPS) & torch.isfinite(z)

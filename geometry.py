@@ -392,12 +392,15 @@ def sample_at(image, uv):
     """Bilinear sample image (B, C, H, W) at pixel coordinates uv (B, H', W', 2) -> (B, C, H', W').
 
     grid_sample with align_corners=False, x_norm = 2u/W - 1, y_norm = 2v/H - 1 (so pixel centre
-    j + 0.5 hits pixel j exactly); outside the image the border value is repeated.
+    j + 0.5 hits pixel j exactly); outside the image the border value is repeated. NaN and far-away
+    coordinates are first moved to a bounded spot outside the image: grid_sample's backward indexes
+    out of bounds on them (NaN gradients, or a crash), and such points are invalid anyway.
     """
     if image.dim() != 4 or uv.dim() != 4 or uv.shape[-1] != 2 or uv.shape[0] != image.shape[0]:
         raise ValueError(f"sample_at expects image (B, C, H, W) and uv (B, H', W', 2), got "
                          f"{tuple(image.shape)} and {tuple(uv.shape)}")
     H, W = image.shape[-2:]
+    uv = torch.nan_to_num(uv, nan=-float(H + W)).clamp(-float(H + W), 2.0 * (H + W))
     grid = torch.stack([2 * uv[..., 0] / W - 1, 2 * uv[..., 1] / H - 1], dim=-1).to(image.dtype)
     return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
 

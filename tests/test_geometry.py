@@ -770,3 +770,13 @@ def test_image_metrics_reject_mismatched_shapes():
         g.psnr(video(seed=66), video(seed=66, shape=(4, 3, 16, 8)))
     with pytest.raises(ValueError, match="same shape"):
         g.ssim(video(seed=66), video(seed=66, shape=(3, 3, 16, 16)))
+
+
+def test_sample_at_survives_nan_and_far_away_coordinates_in_backward():
+    """grid_sample's backward indexes out of bounds on NaN / huge coordinates; sample_at bounds them first."""
+    image = torch.rand(1, 1, 8, 8, requires_grad=True)
+    uv = torch.tensor([[[[float("nan"), 3.0], [1e30, -1e30], [3.5, 3.5]]]], requires_grad=True)  # (1, 1, 3, 2)
+    out = g.sample_at(image, uv)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(image.grad).all() and torch.isfinite(uv.grad).all()
+    assert out[0, 0, 0, 2] == image[0, 0, 3, 3]  # an ordinary coordinate is untouched: the centre of pixel (3, 3)
