@@ -190,8 +190,9 @@ def camera_conditioning(w2c, K, keyframe_mask, height, width):
 def camera_inputs(w2c, K, method, ratio, random_keyframes=False, generator=None, height=32, width=32):
     """Ground-truth cameras of a batch -> what the denoiser is conditioned on for `method`.
 
-    w2c (B, F, 4, 4), K (B, 3, 3) pixels. Returns (camera (B, F, CAMERA_CHANNELS, H, W) for the model, keyframe_mask (B, F)
-    marking the frames whose true pose was given, w2c_conditioned (B, F, 4, 4) the poses actually used)."""
+    w2c (B, F, 4, 4), K (B, 3, 3) pixels. Returns (camera (B, F, CAMERA_CHANNELS, H, W) for the model,
+    keyframe_mask (B, F) marking the frames whose true pose was given, w2c_conditioned (B, F, 4, 4) the poses
+    actually used)."""
     B, num_frames = w2c.shape[:2]
     if method == "full":
         keyframe_mask = torch.ones(B, num_frames)
@@ -378,8 +379,8 @@ class CamGeo(nn.Module):
     Inputs per frame: the noisy frame, the clean reference image (SVD-style: every frame sees the reference at
     every pixel, so copying its content is a local operation) and, where the frame's pose is given, the reference
     resampled along the frame's rays at infinity (reference_grid), concatenated channel-wise and patchified to
-    tokens; camera tokens from the Plücker maps are added on top; fixed sin-cos position embeddings for the patch (2D)
-    and the frame (1D). Diffusion time + prompt form the adaLN condition c. The output is a residual on the
+    tokens; camera tokens from the Plücker maps are added on top; fixed sin-cos position embeddings for the patch
+    (2D) and the frame (1D). Diffusion time + prompt form the adaLN condition c. The output is a residual on the
     reference image, so with the zero-initialised final layer a new model predicts "every frame is the
     reference" (the repeat-the-image baseline) and learns the change the camera makes.
 
@@ -437,7 +438,8 @@ class CamGeo(nn.Module):
 
     def forward(self, x_t, t, reference, prompts, camera, force_drop=None):
         """x_t (B, F, 3, H, W) and reference (B, 3, H, W) in [-1, 1]; t (B,); prompts list of B strings;
-        camera (B, F, CAMERA_CHANNELS, H, W) from camera_conditioning; force_drop (B,) bool drops text and camera together.
+        camera (B, F, CAMERA_CHANNELS, H, W) from camera_conditioning; force_drop (B,) bool drops text and camera
+        together.
         Returns the predicted clean video x0_hat (B, F, 3, H, W) in [-1, 1] units."""
         B, num_frames, _, H, W = x_t.shape
         p, D = self.config.patch_size, self.config.width
@@ -607,8 +609,9 @@ def trajectory_loss(pred_w2c, pred_K, gt_w2c, gt_K, keyframe_mask, image_size_hw
     gt_w2c (B, F, 4, 4), gt_K (B, 3, 3) or (B, F, 3, 3): the true ones; keyframe_mask (B, F), frame 0 set.
     Both trajectories get the same treatment (VGGT's world is its first frame and its scale is its own):
     made relative to frame 0, translations divided by the trajectory's largest keyframe camera-centre norm
-    (keyframe_relative_c2w: the scale camera_conditioning gives the student), then encoded as VGGT does (geometry.extri_intri_to_pose_encoding): T = w2c translation, phi = XYZW unit
-    quaternion with w >= 0, K compared as the two fields of view in radians (resolution-free).
+    (keyframe_relative_c2w: the scale camera_conditioning gives the student), then encoded as VGGT does
+    (geometry.extri_intri_to_pose_encoding): T = w2c translation, phi = XYZW unit quaternion with w >= 0, K
+    compared as the two fields of view in radians (resolution-free).
     The predicted quaternion is also flipped onto the ground truth's hemisphere: near 180 degrees w ~ 0 and
     standardisation alone can pick opposite signs for the same rotation. Frame 0 is identity on both sides.
     """
@@ -818,7 +821,7 @@ def load_checkpoint(path, weights="ema", device="cpu"):
                   if v.shape != model_state[k].shape]
     if mismatched:
         raise ValueError(f"{path}: checkpoint shapes do not match the model: {', '.join(mismatched[:4])}"
-                         f"{' ...' if len(mismatched) > 4 else ''} (a checkpoint from an older version of camgeo.py?)")
+                         f"{' ...' if len(mismatched) > 4 else ''} (made by an older version of camgeo.py?)")
     model.load_state_dict(state)
     model.eval()
     info = {"config": config, "method": metadata.get("method", "sparse"), "step": int(metadata.get("step", 0)),
