@@ -753,9 +753,8 @@ def check_camera_following(ckpt, num_clips, sample_steps, cfg_scale, device, fra
              f"{num_clips} held-out clips, {sample_steps} Euler steps, guidance {cfg_scale}", "",
              f"| video | {header} |", "|---|" + "---|" * 2 * len(groups)]
     for name, video in videos.items():
-        cells = [f"{metric(video[:, frames], truth[:, frames]).item():.2f}" if metric is geometry.psnr else
-                 f"{metric(video[:, frames], truth[:, frames]).item():.3f}"
-                 for frames in groups.values() for metric in (geometry.psnr, geometry.ssim)]
+        cells = [f"{metric(video[:, frames], truth[:, frames]).item():.{digits}f}"
+                 for frames in groups.values() for metric, digits in ((geometry.psnr, 2), (geometry.ssim, 3))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
