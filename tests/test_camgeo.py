@@ -70,11 +70,24 @@ def test_block_is_not_identity_once_modulation_is_nonzero():
     assert not torch.allclose(model.blocks[0](x, torch.randn(2, CONFIG.width)), x)
 
 
-def test_zero_final_layer_predicts_the_reference_at_every_frame_at_init():
+def test_zero_final_layer_predicts_the_resampled_reference_at_keyframes_at_init():
+    """A new model's guess: the reference moved along the given rays at keyframes, the reference elsewhere, and
+    the reference everywhere when the camera is dropped (guidance's unconditional branch)."""
     model = camgeo.CamGeo(CONFIG).eval()
-    video, prompts, camera = inputs()
+    mask = torch.ones(2, F)
+    mask[:, 1] = 0
+    video, prompts, camera = inputs(mask=mask)
     x0_hat = model(torch.randn_like(video), torch.rand(2), video[:, 0], prompts, camera)
-    assert torch.equal(x0_hat, video[:, :1].expand_as(video))
+    for frame in range(F):
+        expected = video[:, 0]
+        if frame != 1:
+            expected = torch.nn.functional.grid_sample(video[:, 0], camera[:, frame, 6:8].permute(0, 2, 3, 1),
+                                                       padding_mode="border", align_corners=False)
+        torch.testing.assert_close(x0_hat[:, frame], expected)
+    assert not torch.allclose(x0_hat[:, 2], video[:, 0], atol=1e-3)  # not vacuous: the random pose moves it
+    dropped = model(torch.randn_like(video), torch.rand(2), video[:, 0], prompts, camera,
+                    force_drop=torch.tensor([True, True]))
+    assert torch.equal(dropped, video[:, :1].expand_as(video))
 
 
 def test_missing_pose_differs_from_identity_pose_in_conditioning():
