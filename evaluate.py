@@ -727,7 +727,8 @@ def check_camera_following(ckpt, num_clips, sample_steps, cfg_scale, device, fra
     """Does a checkpoint follow the cameras it is given? A quick check, no camera estimation: PSNR and SSIM
     against the ground truth (frames 1..F-1; keyframes and in-between frames apart) of its samples on held-out
     clips with their own cameras and with another clip's cameras (each clip takes the next one's: the image and
-    prompt stay, only the camera is wrong), next to simply repeating the reference frame. Returns Markdown;
+    prompt stay, only the camera is wrong), next to simply repeating the reference frame and to the guess the
+    model starts from (camgeo.reference_guess). Returns Markdown;
     frames_png: also draw the first four clips (ground truth, own cameras, another clip's cameras)."""
     model, info = camgeo.load_checkpoint(ckpt, weights="ema", device=device)
     config, method = info["config"], info["method"]
@@ -736,7 +737,9 @@ def check_camera_following(ckpt, num_clips, sample_steps, cfg_scale, device, fra
     truth = torch.stack([clip.video for clip in clips])  # (C, F, 3, H, W)
     reference, prompts = truth[:, 0], [clip.prompt for clip in clips]
     cameras = torch.cat([camera_for(clip, method, ratio, config.image_size) for clip in clips])
-    videos = {"repeat the reference frame": reference[:, None].expand_as(truth)}
+    videos = {"repeat the reference frame": reference[:, None].expand_as(truth),
+              "reference resampled along the given rays (a new model's guess)":
+                  camgeo.reference_guess(reference, cameras)[1]}
     for name, camera in (("samples, own cameras", cameras), ("samples, another clip's cameras", cameras.roll(1, 0))):
         with torch.no_grad():
             videos[name] = camgeo.sample(model, reference.to(device), prompts, camera.to(device), sample_steps,

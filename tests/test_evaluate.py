@@ -142,7 +142,8 @@ def test_check_reports_own_and_wrong_cameras_next_to_repeating_the_reference(smo
     evaluate.main(["--check", ckpt, "--clips", "3", "--sample-steps", "2"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
     assert [row.split(" | ")[0] for row in rows[1:]] == [
-        "| repeat the reference frame", "| samples, own cameras", "| samples, another clip's cameras"]
+        "| repeat the reference frame", "| reference resampled along the given rays (a new model's guess)",
+        "| samples, own cameras", "| samples, another clip's cameras"]
     model, info = camgeo.load_checkpoint(ckpt)
     size, frames = info["config"].image_size, info["config"].num_frames
     truth = torch.stack([c.video for c in evaluate.held_out_clips(3, frames, size)])
