@@ -148,7 +148,8 @@ def reference_grid(directions, K_reference):
     [fx, fy, cx, cy] of frame 0. Returns (B, F, 2, H, W) in grid_sample's [-1, 1] coordinates
     (align_corners=False). At infinity only the rotation moves pixels (a homography K R K^-1), so no depth is
     needed. Coordinates are clamped to [-2, 2] and rays that point behind the reference camera get -2: both fall
-    outside the image (sampled as zeros), and the clamp keeps rays grazing the image plane from blowing up.
+    outside the image (reference_guess repeats the edge pixel there), and the clamp keeps rays grazing the image
+    plane from blowing up.
     """
     H, W = directions.shape[-2:]
     fx, fy, cx, cy = (k[:, None, None, None] for k in K_reference.unbind(-1))  # each (B, 1, 1, 1)

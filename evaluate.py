@@ -859,7 +859,8 @@ def parse_args(argv=None):
                         help="only measure the estimator on ground-truth videos (-> OUT/validation.md)")
     parser.add_argument("--check", metavar="CKPT",
                         help="only check whether one student checkpoint follows its cameras (PSNR / SSIM with its "
-                             "own and with another clip's cameras, vs repeating the reference; --clips, default 16; "
+                             "own and with another clip's cameras, vs repeating the reference and vs the model's "
+                             "starting guess; --clips, default 16; "
                              "-> OUT/check_frames.png)")
     parser.add_argument("--cfg", type=float, default=1.0, help="--check: guidance scale")
     parser.add_argument("--frames", type=int, default=8, help="--validate: frames per clip")
