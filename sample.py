@@ -266,6 +266,9 @@ def conditioning_for(poses, method, size):
         mode = "slerp" if method == "full" else method
         if method == "full":
             note("the checkpoint was trained with every pose given; missing poses are filled by SLERP")
+        else:
+            note(f"the checkpoint is the {method} baseline: poses missing from the file are filled by {method} "
+                 f"interpolation of the given ones")
         w2c = camgeo.fill_missing_poses(w2c, mask, mode)
         mask = torch.ones_like(mask)
     return camgeo.camera_conditioning(w2c, K, mask, size, size)

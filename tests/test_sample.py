@@ -224,3 +224,18 @@ def test_make_examples_writes_image_and_pose_files_that_parse(tmp_path):
     for name in ("dolly_in", "pan_left", "orbit"):
         poses = sample.parse_poses_json((tmp_path / f"{name}.json").read_text())
         assert poses["keyframe_mask"][0] == 1 and poses["num_frames"] == 8
+
+
+def test_interpolating_checkpoint_fills_missing_poses_with_a_note(capsys):
+    """A SLERP checkpoint given poses at frames 0, 2, 5, 7 of a pure pan: every frame gets a pose, frame 1's
+    view direction is halfway (in yaw) between frames 0 and 2, and the user is told."""
+    with open(os.path.join(ROOT, "examples", "pan_left.json")) as f:
+        poses = sample.parse_poses_json(f.read())
+    camera = sample.conditioning_for(poses, "slerp", 32)
+    assert bool((camera[0, :, 8] == 1).all())
+    ray = camera[0, :, 3:6, 16, 16]  # (F, 3) one pixel's ray in frame 0's coordinates, half a pixel off-centre
+    yaw = torch.atan2(ray[:, 0], ray[:, 2])
+    yaw = yaw - yaw[0]  # a turn about the y axis adds its angle to every ray's azimuth
+    assert abs(yaw[2].item()) > 0.1  # the pan turns
+    assert yaw[1].item() == pytest.approx(yaw[2].item() / 2, abs=0.01)
+    assert "filled by slerp interpolation" in capsys.readouterr().err
