@@ -41,6 +41,7 @@ import camgeo
 import geometry
 
 DEFAULT_CKPT = os.path.join("assets", "student.safetensors")
+GIF_FRAME_MS = 150
 DEFAULT_FOV_DEG = 60.0  # the middle of the synthetic world's field-of-view range
 ROTATION_TOLERANCE = 1e-3  # |R^T R - I| and |det R - 1| allowed from rounding in a hand-written file
 EXIT_BAD_INPUT = 2
@@ -285,7 +286,9 @@ def save_video(video, out_dir, upscale):
     for i, frame in enumerate(frames):
         frame.save(os.path.join(out_dir, f"frame_{i:02d}.png"))
     big = [f.resize((f.width * upscale, f.height * upscale), Image.NEAREST) for f in frames]
-    big[0].save(os.path.join(out_dir, "video.gif"), save_all=True, append_images=big[1:], duration=150, loop=0)
+    # Pillow merges identical consecutive frames into one shown for their summed duration: same playback
+    big[0].save(os.path.join(out_dir, "video.gif"), save_all=True, append_images=big[1:], duration=GIF_FRAME_MS,
+                loop=0)
     strip = Image.new("RGB", (sum(f.width for f in big), big[0].height))
     for i, frame in enumerate(big):
         strip.paste(frame, (i * frame.width, 0))
@@ -294,7 +297,7 @@ def save_video(video, out_dir, upscale):
 
 def make_examples(folder, num_frames=8, size=64, keyframe_ratio=0.5, seed=None):
     """examples/: a rendered reference frame of a held-out clip and three hand-made camera paths, with poses at
-    the keyframes the shipped checkpoint was trained with (evenly spaced, ratio 1/2)."""
+    the keyframes train.py gives at --sparse 0.5 (evenly spaced, ratio 1/2)."""
     import data
     seed = data.SPLIT_SEEDS["test"][0] + 5 if seed is None else seed  # a room corner and objects in view
     clip = data.render_clip(seed, num_frames, size, size)

@@ -36,7 +36,7 @@ def randomise_zero_layers(model, seed=0):
     """adaLN-Zero makes a fresh model ignore its inputs; give the zeroed layers values so outputs depend on them."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        if "adaLN_modulation" in name or "final_layer.linear" in name:
+        if "adaLN_modulation" in name or "pixel_head.net.4" in name:
             p.data = 0.1 * torch.randn(p.shape, generator=g)
 
 

@@ -81,8 +81,12 @@ def test_sample_writes_gif_frame_pngs_and_strip(workdir):
     frames = sorted(p for p in os.listdir(out) if p.startswith("frame_"))
     assert len(frames) == F
     assert Image.open(out / frames[0]).size == (S, S)
-    gif = Image.open(out / "video.gif")
-    assert gif.n_frames == F
+    gif = Image.open(out / "video.gif")  # F frames of playback (Pillow merges identical neighbours, summing time)
+    durations = []
+    for index in range(gif.n_frames):
+        gif.seek(index)
+        durations.append(gif.info["duration"])
+    assert sum(durations) == F * sample.GIF_FRAME_MS
     assert Image.open(out / "strip.png").size == (F * S * 4, S * 4)  # default --upscale 4
 
 
@@ -201,6 +205,21 @@ def test_checkpoint_with_wrong_shapes_names_them(workdir):
     assert_one_line_error(result, "camera_embedder.proj.weight", "shapes do not match")
 
 
+def test_checkpoint_config_from_an_older_version_names_its_fields(workdir):
+    """Fields the config lacks or this version does not know are named (not a TypeError from the dataclass)."""
+    import dataclasses
+    import json
+    model = camgeo.CamGeo(SMOKE)
+    tensors = {"ema." + k: v.contiguous() for k, v in model.state_dict().items()}
+    config = dataclasses.asdict(SMOKE)
+    del config["mlp_ratio"]
+    config["old_field"] = 1
+    path = str(workdir / "older.safetensors")
+    save_file(tensors, path, metadata={"config": json.dumps(config), "method": "sparse", "step": "0"})
+    result = run_sample(workdir, workdir / "ref.png", workdir / "poses.json", ckpt=path, in_process=True)
+    assert_one_line_error(result, "mlp_ratio", "old_field")
+
+
 def test_file_that_is_not_a_checkpoint_gives_one_line_error(workdir):
     (workdir / "junk.safetensors").write_bytes(b"\x00" * 64)
     result = run_sample(workdir, workdir / "ref.png", workdir / "poses.json", ckpt=str(workdir / "junk.safetensors"),
@@ -224,6 +243,20 @@ def test_make_examples_writes_image_and_pose_files_that_parse(tmp_path):
     for name in ("dolly_in", "pan_left", "orbit"):
         poses = sample.parse_poses_json((tmp_path / f"{name}.json").read_text())
         assert poses["keyframe_mask"][0] == 1 and poses["num_frames"] == 8
+
+
+def test_shipped_student_loads_and_samples_every_example_pose_file(tmp_path):
+    """The README's first sample command on a fresh clone: the shipped checkpoint must load with this camgeo.py
+    (a change to the model or its output parameterisation must come with a retrained asset) and sample each
+    example pose file."""
+    ckpt = os.path.join(ROOT, sample.DEFAULT_CKPT)
+    _, info = camgeo.load_checkpoint(ckpt)
+    assert info["config"] == camgeo.PRESETS["cpu"]
+    for name in ("dolly_in", "pan_left", "orbit"):
+        out = tmp_path / name
+        sample.main([os.path.join(ROOT, "examples", "reference.png"), os.path.join(ROOT, "examples", f"{name}.json"),
+                     "--ckpt", ckpt, "--steps", "2", "--out", str(out)])
+        assert Image.open(out / "strip.png").size[1] > 0 and (out / "video.gif").exists()
 
 
 def test_interpolating_checkpoint_fills_missing_poses_with_a_note(capsys):
