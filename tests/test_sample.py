@@ -1,6 +1,7 @@
 """sample.py end to end (subprocess, as a user runs it): outputs, and a one-line error with exit code 2 for
 every malformed input."""
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -207,8 +208,6 @@ def test_checkpoint_with_wrong_shapes_names_them(workdir):
 
 def test_checkpoint_config_from_an_older_version_names_its_fields(workdir):
     """Fields the config lacks or this version does not know are named (not a TypeError from the dataclass)."""
-    import dataclasses
-    import json
     model = camgeo.CamGeo(SMOKE)
     tensors = {"ema." + k: v.contiguous() for k, v in model.state_dict().items()}
     config = dataclasses.asdict(SMOKE)
