@@ -35,8 +35,9 @@ def inputs(batch=2, mask=None, seed=0):
 def randomise_zero_layers(model, seed=0):
     """adaLN-Zero makes a fresh model ignore its inputs; give the zeroed layers values so outputs depend on them."""
     g = torch.Generator().manual_seed(seed)
+    output_conv = {id(p) for p in model.pixel_head.net[-1].parameters()}  # zero-initialised too
     for name, p in model.named_parameters():
-        if "adaLN_modulation" in name or "pixel_head.net.4" in name:
+        if "adaLN_modulation" in name or id(p) in output_conv:
             p.data = 0.1 * torch.randn(p.shape, generator=g)
 
 
