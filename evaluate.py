@@ -103,26 +103,11 @@ def blur_each(images, sigmas):
     return out
 
 
-def so3_exp(omega):
-    """Axis-angle (..., 3) -> rotation matrices (..., 3, 3) (Rodrigues; exact, fine at zero)."""
-    theta = omega.norm(dim=-1, keepdim=True)[..., None]  # (..., 1, 1)
-    zero = torch.zeros_like(omega[..., 0])
-    skew = torch.stack([torch.stack([zero, -omega[..., 2], omega[..., 1]], -1),
-                        torch.stack([omega[..., 2], zero, -omega[..., 0]], -1),
-                        torch.stack([-omega[..., 1], omega[..., 0], zero], -1)], -2)
-    small = theta < 1e-8
-    safe = torch.where(small, torch.ones_like(theta), theta)
-    a = torch.where(small, torch.ones_like(theta), torch.sin(safe) / safe)
-    b = torch.where(small, 0.5 * torch.ones_like(theta), (1 - torch.cos(safe)) / (safe * safe))
-    eye = torch.eye(3, dtype=omega.dtype, device=omega.device).expand_as(skew)
-    return eye + a * skew + b * (skew @ skew)
-
-
 def apply_increment(c2w, delta):
     """Move cameras c2w (..., 4, 4) by delta (..., 6) = [rotation (axis-angle), translation], both in the
     camera's own frame: R <- R exp(w), centre <- centre + R tau. Zero delta is the identity."""
     rotation = c2w[..., :3, :3]
-    new_rotation = rotation @ so3_exp(delta[..., :3])
+    new_rotation = rotation @ geometry.so3_exp(delta[..., :3])
     new_centre = c2w[..., :3, 3] + (rotation @ delta[..., 3:, None])[..., 0]
     return geometry.to_homogeneous(torch.cat([new_rotation, new_centre[..., None]], dim=-1))
 

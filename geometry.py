@@ -216,6 +216,21 @@ def normalize_translation(c2w):
     return torch.cat([torch.cat([c2w[..., :3, :3], t[..., None]], dim=-1), c2w[..., 3:, :]], dim=-2)
 
 
+def so3_exp(omega):
+    """Axis-angle (..., 3) -> rotation matrices (..., 3, 3) (Rodrigues; exact, fine at zero)."""
+    theta = omega.norm(dim=-1, keepdim=True)[..., None]  # (..., 1, 1)
+    zero = torch.zeros_like(omega[..., 0])
+    skew = torch.stack([torch.stack([zero, -omega[..., 2], omega[..., 1]], -1),
+                        torch.stack([omega[..., 2], zero, -omega[..., 0]], -1),
+                        torch.stack([-omega[..., 1], omega[..., 0], zero], -1)], -2)
+    small = theta < 1e-8
+    safe = torch.where(small, torch.ones_like(theta), theta)
+    a = torch.where(small, torch.ones_like(theta), torch.sin(safe) / safe)
+    b = torch.where(small, 0.5 * torch.ones_like(theta), (1 - torch.cos(safe)) / (safe * safe))
+    eye = torch.eye(3, dtype=omega.dtype, device=omega.device).expand_as(skew)
+    return eye + a * skew + b * (skew @ skew)
+
+
 # ----------------------------------------------------------------------------------------------
 # Pixels, rays and Plücker embeddings
 

@@ -215,6 +215,18 @@ def test_invert_pose_gives_identity_when_composed():
     torch.testing.assert_close(g.invert_pose(T) @ T, eye)
 
 
+def test_so3_exp_matches_scipy_rotvec_including_zero_and_near_pi():
+    rotvecs = np.concatenate([np.random.default_rng(30).normal(size=(8, 3)), [[0.0, 0.0, 0.0]],
+                              [[1e-9, -2e-9, 0.0]], [[0.0, math.pi - 1e-6, 0.0]]])
+    R = g.so3_exp(torch.tensor(rotvecs))
+    np.testing.assert_allclose(R.numpy(), Rotation.from_rotvec(rotvecs).as_matrix(), atol=1e-12)
+
+
+def test_so3_exp_passes_gradcheck_away_from_and_at_zero():
+    for omega in (torch.tensor([0.3, -0.2, 0.5]), torch.zeros(3)):
+        torch.autograd.gradcheck(g.so3_exp, (omega.double().requires_grad_(),))
+
+
 def test_relative_to_first_makes_frame_zero_identity():
     rel = g.relative_to_first(random_c2w(6, seed=14).reshape(2, 3, 4, 4))
     torch.testing.assert_close(rel[:, 0], torch.eye(4, dtype=torch.float64).expand(2, 4, 4))
