@@ -307,7 +307,8 @@ class CameraHead(nn.Module):
 
     Each iteration embeds the current estimate (a learnt "empty" pose at the start), uses it to
     modulate the normalised camera tokens (adaLN: shift, scale, gate), runs the trunk and adds the
-    predicted delta. The estimate is detached between iterations, as in VGGT.
+    predicted delta. The estimate is detached between iterations, as in VGGT, so the gradient of
+    iteration i's output flows through its own delta only.
     """
 
     def __init__(self, config):
@@ -331,7 +332,11 @@ class CameraHead(nn.Module):
         raw = None  # the estimate before activation, (B, S, 9)
         pose_enc_list = []
         for _ in range(self.iterations):
-            estimate = self.empty_pose_tokens.expand(B, S, -1) if raw is None else raw.detach()
+            if raw is not None:
+                # VGGT detaches the running estimate itself, not only the copy fed to the modulation:
+                # each iteration's output carries the gradient of its own delta alone.
+                raw = raw.detach()
+            estimate = self.empty_pose_tokens.expand(B, S, -1) if raw is None else raw
             shift, scale, gate = self.poseLN_modulation(self.embed_pose(estimate)).chunk(3, dim=-1)
             x = camera_tokens + gate * (self.adaln_norm(camera_tokens) * (1 + scale) + shift)
             delta = self.pose_branch(self.trunk_norm(self.trunk(x)))

@@ -1,9 +1,10 @@
 """teacher.py: the plain-torch VGGT computes what the official code computes, and loads its checkpoints.
 
-The reference vectors in ../shared/reference/vggt were produced by the official implementation
-(facebookresearch/vggt): two small models with weights under the official key names, their inputs
-and every output. Matching them to float32 rounding means the released VGGT-1B weights run
-correctly here too.
+The reference vectors in tests/fixtures/vggt were produced by running the official implementation
+(facebookresearch/vggt): two small models with weights under the official key names, their inputs,
+every output and the gradient of every output with respect to the images. Matching them to float32
+rounding means the released VGGT-1B weights run here, and CamGeo's losses reach the student through
+the same gradient the official model gives.
 """
 import json
 import os
@@ -16,10 +17,12 @@ import teacher
 from teacher import VGGT, VGGTConfig, freeze, load_vggt, save_teacher, teacher_geometry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REFERENCE = os.path.join(ROOT, "..", "shared", "reference", "vggt")
+REFERENCE = os.path.join(ROOT, "tests", "fixtures", "vggt")
 CASES = ("tiny_conv", "tiny_dino")
 OUTPUTS = ("last_tokens", "pose_enc", "pose_enc_list", "depth", "depth_conf", "world_points", "world_points_conf")
+GRADIENT_OUTPUTS = ("pose_enc_list", "depth", "depth_conf", "world_points", "world_points_conf")
 TOLERANCE = 1e-5  # float32 rounding; a larger difference is a different computation
+GRADIENT_TOLERANCE = 1e-5  # relative to the largest entry of the official gradient
 
 # A very small random model for the behaviour tests (fast on CPU).
 TINY = VGGTConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_register_tokens=2,
@@ -69,6 +72,23 @@ def test_output_matches_official_vggt(case, output):
     assert ours[output].shape == reference[output].shape
     difference = (ours[output] - reference[output]).abs().max().item()
     assert difference <= TOLERANCE, f"{case} {output}: max abs difference {difference:.3g}"
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("output", GRADIENT_OUTPUTS)
+def test_input_gradient_matches_official_vggt(case, output):
+    """d sum(cotangent * output) / d images, eval mode, as the official code computes it."""
+    model = freeze(load_vggt(reference_path(f"{case}.weights.safetensors"), case_config(case)))
+    images = load_file(reference_path(f"{case}.io.safetensors"))["images"].clone().requires_grad_(True)
+    official = load_file(reference_path(f"{case}.grad.safetensors"))
+    out = model(images)
+    value = torch.stack(out[output]) if output == "pose_enc_list" else out[output]
+    cotangent = official[f"cotangent.{output}"]
+    assert value.shape == cotangent.shape
+    (gradient,) = torch.autograd.grad((value * cotangent).sum(), images)
+    expected = official[f"grad_images.{output}"]
+    relative = ((gradient - expected).abs().max() / expected.abs().max()).item()
+    assert relative <= GRADIENT_TOLERANCE, f"{case} {output}: gradient differs by {relative:.3g} of its largest entry"
 
 
 def test_vggt_1b_preset_has_the_released_state_dict_layout():
