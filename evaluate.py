@@ -2,19 +2,12 @@
 
 Held-out clips of the synthetic world (data.SPLIT_SEEDS["test"], never seen in training) give a reference
 frame, a prompt, the keyframe poses a method is conditioned on, and the ground-truth video along the
-ground-truth path, kept for scoring. Each trained student generates a video per clip; we then estimate the
-camera path *of the generated video* and compare it with the requested path.
-
-The camera estimator shares nothing with the distillation teacher (teacher.py): if CamGeo were graded by the
-VGGT it was distilled from, it would be graded by its own tutor. Because the synthetic scene is known exactly,
-we use analysis by synthesis instead: per frame, find the 6-DoF pose from which data.render's image of the true
-scene best matches the generated frame: Levenberg-Marquardt on a robust, colour-matched photometric residual,
-coarse to fine over blur levels (finite-difference Jacobians while blurred, forward-mode derivatives through the
-ray-caster at the sharp level), initialised from the previous frames, with the render blurred as much as the
-video's frame 0 is (calibrated where the pose is known). Frame 0 is the reference frame, whose pose is the given
-frame-0 keyframe, so it is fixed to that pose; the metrics are relative to frame 0 anyway. No other ground-truth
-pose is looked at. `--validate` measures the estimator's own error on ground-truth videos (clean and degraded
-like generated ones) next to the errors of naive paths, so a reader sees its floor against method differences.
+ground-truth path, kept for scoring. Each trained student generates a video per clip; the camera path *of the
+generated video* is then estimated (estimator.py: analysis by synthesis against the known scene, no teacher
+involved) and compared with the requested path. `--validate` measures the estimator's own error on
+ground-truth videos (clean and degraded like generated ones) next to the errors of naive paths, so a reader
+sees its floor against method differences. `--check CKPT` is a quick test, without camera estimation, of
+whether one student follows the cameras it is given.
 
     python evaluate.py --validate --clips 16                 # estimator floor vs naive-path errors
     python evaluate.py --preset smoke --out out/eval_smoke   # the whole study in seconds (CI)
@@ -42,244 +35,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.autograd import forward_ad
 from PIL import Image, ImageDraw
 
 import camgeo
 import data
+import estimator
 import geometry
-
-# ----------------------------------------------------------------------------------------------
-# Camera estimation by analysis by synthesis
-
-# Coarse to fine: both the render and the target are blurred by a Gaussian of this many pixels (0 = none).
-# Wide blur first makes the photometric error smooth over a few pixels of misalignment (a wide basin);
-# the sharp level then pins the pose to sub-pixel accuracy.
-BLUR_LEVELS = (3.0, 1.0, 0.0)
-ITERATIONS_PER_LEVEL = 10
-# Finite-difference Jacobian (blurred levels): steps of about half a pixel of image motion at 32x32 (focal ~28 px,
-# scene ~3 m away): long enough to average over the pixel staircase of a point-sampled render.
-DIFFERENCE_STEPS = (0.02, 0.02, 0.02, 0.05, 0.05, 0.05)  # radians x3, metres x3
-DIFFERENCE_MIN_SIGMA = 0.5  # levels blurred at least this much (pixels) use differences, sharper ones autograd
-DAMPING_START = 1e-3  # Levenberg-Marquardt lambda, relative to diag(J^T J)
-DAMPING_UP, DAMPING_DOWN = 4.0, 3.0
-MAX_DAMPING = 1e6
-STEP_TOLERANCE = 1e-5  # radians and metres: a level ends once every camera's next step is smaller than this
-# Robust loss: Huber weights with the threshold at HUBER_K robust standard deviations of the residuals, so the
-# wrong pixels of a generated frame (smudged objects, colour drift) do not drag the pose.
-HUBER_K = 1.345
-HUBER_FLOOR = 0.01  # intensity; keeps the threshold sane when a residual is almost exactly zero
-# Per-channel colour gain the photometric fit may apply to the render (see residuals_and_jacobian); bounded so a
-# flat, textureless frame cannot make the render vanish.
-GAIN_RANGE = (0.5, 2.0)
-RENDER_SUPERSAMPLE = 1  # the clips the students learn from are rendered with one ray per pixel: match that
-# Generated frames are softer than renders. How much softer is measured on frame 0 (known pose) among these
-# Gaussian blurs (pixels), and the render is blurred to match (calibrate_blur).
-FRAME_BLUR_CANDIDATES = (0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
-
-
-def gaussian_blur(images, sigma):
-    """(N, C, H, W) -> same shape, separable Gaussian with replicated borders; sigma 0 returns the input."""
-    if sigma <= 0:
-        return images
-    radius = max(1, int(math.ceil(3 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-    kernel = torch.exp(-x * x / (2 * sigma * sigma))
-    kernel = kernel / kernel.sum()
-    C = images.shape[1]
-    padded = F.pad(images, (radius, radius, radius, radius), mode="replicate")
-    out = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
-    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
-
-
-def blur_each(images, sigmas):
-    """(M, ..., H, W) images, sigmas (M,) -> each image blurred by its own sigma (few distinct values)."""
-    out = torch.empty_like(images)
-    for sigma in sigmas.unique().tolist():
-        chosen = sigmas == sigma
-        flat = images[chosen].flatten(0, -4)  # (n, C, H, W)
-        out[chosen] = gaussian_blur(flat, sigma).view_as(images[chosen])
-    return out
-
-
-def apply_increment(c2w, delta):
-    """Move cameras c2w (..., 4, 4) by delta (..., 6) = [rotation (axis-angle), translation], both in the
-    camera's own frame: R <- R exp(w), centre <- centre + R tau. Zero delta is the identity."""
-    rotation = c2w[..., :3, :3]
-    new_rotation = rotation @ geometry.so3_exp(delta[..., :3])
-    new_centre = c2w[..., :3, 3] + (rotation @ delta[..., 3:, None])[..., 0]
-    return geometry.to_homogeneous(torch.cat([new_rotation, new_centre[..., None]], dim=-1))
-
-
-def relative_motion(c2w_a, c2w_b):
-    return geometry.invert_pose(c2w_a) @ c2w_b
-
-
-def increment_tangents(c2w):
-    """d apply_increment(c2w, delta) / d delta_k at delta = 0, for k = 0..5: (M, 6, 4, 4)."""
-    generators = torch.zeros(6, 4, 4, dtype=c2w.dtype)
-    basis = torch.eye(3, dtype=c2w.dtype)
-    for k in range(3):  # rotation: R -> R skew(e_k)
-        generators[k, :3, :3] = torch.linalg.cross(basis[k].expand(3, 3), basis, dim=-1).T
-    for k in range(3):  # translation: centre -> centre + R e_k
-        generators[3 + k, :3, 3] = basis[k]
-    rigid = c2w.clone()
-    rigid[:, :3, 3] = 0  # the tangent of the centre is R e_k: the camera's translation does not enter
-    return rigid[:, None] @ generators[None]  # (M, 6, 4, 4)
-
-
-@dataclass
-class EstimatorConfig:
-    blur_levels: tuple = BLUR_LEVELS
-    iterations_per_level: int = ITERATIONS_PER_LEVEL
-    supersample: int = RENDER_SUPERSAMPLE
-    blur_candidates: tuple = FRAME_BLUR_CANDIDATES
-    difference_min_sigma: float = DIFFERENCE_MIN_SIGMA
-
-
-def render_with_jacobian(scene, K, c2w, H, W, supersample, method):
-    """Images of cameras c2w (M, 4, 4) -> (images (M, 3, H, W), d image / d increment (M, 6, 3, H, W)).
-
-    method "autograd": forward-mode differentiation through the ray-caster; six copies of each camera in one
-    render call, each carrying one tangent. Exact for texture and shading moving across the image, but blind
-    to a silhouette edge that moves (a jump in a point-sampled render). method "differences": central
-    differences over DIFFERENCE_STEPS (about half a pixel), 13 renders per camera; they see edges move, at
-    the price of being approximate. See refine_poses for which is used when.
-    """
-    M = c2w.shape[0]
-    c2w = c2w.float()
-    if method == "autograd":
-        copies = c2w[:, None].expand(M, 6, 4, 4).reshape(-1, 4, 4)
-        with forward_ad.dual_level():
-            dual = forward_ad.make_dual(copies.contiguous(), increment_tangents(c2w).reshape(-1, 4, 4))
-            video, _ = data.render(scene, dual, K, H, W, supersample)
-            image, tangent = forward_ad.unpack_dual(video)  # (6M, 3, H, W) each
-        return image.view(M, 6, 3, H, W)[:, 0], tangent.view(M, 6, 3, H, W)
-    steps = torch.tensor(DIFFERENCE_STEPS)
-    offsets = torch.cat([torch.zeros(1, 6), torch.diag(steps), -torch.diag(steps)])  # (13, 6)
-    probes = apply_increment(c2w[:, None], offsets[None].expand(M, 13, 6))  # (M, 13, 4, 4)
-    video, _ = data.render(scene, probes.reshape(-1, 4, 4), K, H, W, supersample)
-    video = video.view(M, 13, 3, H, W)
-    return video[:, 0], (video[:, 1:7] - video[:, 7:]) / (2 * steps.view(1, 6, 1, 1, 1))
-
-
-def residuals_and_jacobian(scene, K, c2w, targets_blurred, render_sigma, supersample, method="autograd"):
-    """Blurred render of c2w (M, 4, 4), colour-matched, minus blurred targets (M, 3, H, W) -> residuals (M, P),
-    P = 3*H*W, and their Jacobian (M, 6, P) w.r.t. the pose increment (the colour fit held fixed in it).
-    render_sigma (M,): blur of each render, pixels."""
-    M = c2w.shape[0]
-    H, W = targets_blurred.shape[-2:]
-    image, tangent = render_with_jacobian(scene, K, c2w, H, W, supersample, method)
-    image = blur_each(image, render_sigma)
-    jacobian = blur_each(tangent, render_sigma).view(M, 6, 3, H * W)  # blurring is linear: blur the derivative
-    # Generated frames drift in colour. Per frame and channel, the render is first mapped by the gain and offset
-    # that best fit the target (least squares), so only structure, not a colour cast, pulls on the pose.
-    rendered, target = image.flatten(2), targets_blurred.flatten(2)  # (M, 3, H*W)
-    centred = rendered - rendered.mean(-1, keepdim=True)
-    gain = (centred * target).sum(-1) / (centred * centred).sum(-1).clamp(min=1e-8)  # (M, 3)
-    gain = gain.clamp(*GAIN_RANGE)[..., None]
-    offset = target.mean(-1, keepdim=True) - gain * rendered.mean(-1, keepdim=True)
-    residual = gain * rendered + offset - target
-    return residual.flatten(1), (gain[:, None] * jacobian).flatten(2)
-
-
-def huber_weights(residuals):
-    """(M, P) residuals -> (M, P) IRLS weights, threshold from each row's median absolute deviation."""
-    scale = 1.4826 * residuals.abs().median(dim=1, keepdim=True).values
-    threshold = (HUBER_K * scale).clamp(min=HUBER_FLOOR)
-    return (threshold / residuals.abs().clamp(min=1e-12)).clamp(max=1.0)
-
-
-def refine_poses(scene, K, frames, c2w_init, config=EstimatorConfig(), frame_blur=None):
-    """Levenberg-Marquardt of M independent camera poses against M frames of the same scene.
-
-    frames (M, 3, H, W) in [0, 1], c2w_init (M, 4, 4). All M problems are solved together, one ray-casting
-    call per iteration. frame_blur (M,) is how blurred each frame already is (pixels, see calibrate_blur): the
-    render gets that much more blur at every level, so a soft frame is not matched against a sharp render.
-    Returns (c2w (M, 4, 4) float32, cost (M,) robust mean squared residual at the last level).
-    """
-    M = frames.shape[0]
-    frame_blur = torch.zeros(M) if frame_blur is None else frame_blur
-    c2w = c2w_init.float().clone()
-    for sigma in config.blur_levels:
-        targets = gaussian_blur(frames.float(), sigma)  # (M, 3, H, W)
-        render_sigma = (sigma ** 2 + frame_blur ** 2).sqrt()  # Gaussian blurs add in quadrature
-        # Blurred levels: differences, which see silhouettes move and so find the right basin. The sharp level:
-        # the exact texture derivative, which then lands on the minimum (exactly, for a ground-truth frame).
-        method = "differences" if sigma >= config.difference_min_sigma else "autograd"
-        damping = torch.full((M,), DAMPING_START)
-        cost = torch.full((M,), float("inf"))
-        candidate = c2w.clone()
-        settled = torch.zeros(M, dtype=torch.bool)
-        for _ in range(config.iterations_per_level + 1):
-            if bool(settled.all()):
-                break
-            residual_new, jacobian_new = residuals_and_jacobian(scene, K, candidate, targets, render_sigma,
-                                                                config.supersample, method)
-            weights_new = huber_weights(residual_new)
-            cost_new = (weights_new * residual_new ** 2).mean(1)
-            # Keep a candidate only if it lowers the cost; otherwise stay put and damp harder (Marquardt).
-            accepted = cost_new < cost
-            if torch.isinf(cost).all():  # first evaluation at this level: there is nothing to keep yet
-                residual, jacobian, weights = residual_new, jacobian_new, weights_new
-            keep = accepted[:, None]
-            c2w = torch.where(accepted[:, None, None], candidate, c2w)
-            cost = torch.where(accepted, cost_new, cost)
-            residual = torch.where(keep, residual_new, residual)
-            weights = torch.where(keep, weights_new, weights)
-            jacobian = torch.where(keep[..., None], jacobian_new, jacobian)
-            damping = torch.where(accepted, damping / DAMPING_DOWN, (damping * DAMPING_UP).clamp(max=MAX_DAMPING))
-            # Normal equations (J W J^T + lambda diag) delta = -J W r, one 6x6 system per problem.
-            weighted = jacobian * weights[:, None]  # (M, 6, P)
-            normal = weighted @ jacobian.transpose(1, 2)  # (M, 6, 6)
-            gradient = (weighted * residual[:, None]).sum(-1)  # (M, 6)
-            diagonal = torch.diagonal(normal, dim1=1, dim2=2).clamp(min=1e-9)
-            system = normal + torch.diag_embed(damping[:, None] * diagonal)
-            delta = -torch.linalg.solve(system, gradient[..., None])[..., 0]
-            candidate = apply_increment(c2w, delta)
-            # Settled: the next step would move the camera by less than STEP_TOLERANCE (radians / metres), or no
-            # step is taken any more. Settled problems ride along until all are (one render call for all).
-            settled = (delta.abs().amax(1) < STEP_TOLERANCE) | (damping >= MAX_DAMPING)
-    return c2w, cost
-
-
-def calibrate_blur(scene, K, first_frames, c2w_first, config=EstimatorConfig()):
-    """How blurred each video is, read off its frame 0, whose pose is known: the candidate blur (pixels) under
-    which the render of that pose best matches the frame. first_frames (N, 3, H, W) -> (N,)."""
-    N = first_frames.shape[0]
-    candidates = torch.tensor(config.blur_candidates)
-    poses = c2w_first.float().expand(len(candidates) * N, 4, 4)
-    frames = first_frames.float().repeat(len(candidates), 1, 1, 1)
-    residual, _ = residuals_and_jacobian(scene, K, poses, frames, candidates.repeat_interleave(N), config.supersample,
-                                         "differences")
-    cost = residual.pow(2).mean(1).view(len(candidates), N)
-    return candidates[cost.argmin(0)]
-
-
-def estimate_paths(scene, K, videos, c2w_first, config=EstimatorConfig()):
-    """Camera paths of videos (N, F, 3, H, W) of one known scene -> c2w (N, F, 4, 4).
-
-    Frame 0 is the reference frame, whose pose (c2w_first (4, 4)) the model was given: it is fixed there. Frame f
-    starts from two guesses, the previous estimate and the constant-velocity prediction from the two before;
-    both are refined and the one with the lower photometric cost is kept (a second start for robustness).
-    """
-    N, num_frames = videos.shape[:2]
-    frame_blur = calibrate_blur(scene, K, videos[:, 0], c2w_first, config)  # (N,)
-    paths = c2w_first.float().expand(N, 1, 4, 4).clone()  # (N, 1, 4, 4), grows by one frame per step
-    for f in range(1, num_frames):
-        previous = paths[:, -1]
-        guesses = [previous]
-        if f >= 2:
-            guesses.append(previous @ relative_motion(paths[:, -2], previous))
-        starts = torch.cat(guesses)  # (G*N, 4, 4)
-        frames = videos[:, f].repeat(len(guesses), 1, 1, 1)
-        refined, cost = refine_poses(scene, K, frames, starts, config, frame_blur.repeat(len(guesses)))
-        best = cost.view(len(guesses), N).argmin(0)  # (N,)
-        chosen = refined.view(len(guesses), N, 4, 4)[best, torch.arange(N)]
-        paths = torch.cat([paths, chosen[:, None]], dim=1)
-    return paths
-
 
 # ----------------------------------------------------------------------------------------------
 # Held-out clips and the cameras each method is given
@@ -307,15 +68,6 @@ def held_out_clips(num_clips, num_frames, size, first=0):
     return clips
 
 
-def degrade(video, generator, blur=1.0, noise=0.03, colour=0.1):
-    """A ground-truth video made to look generated: blurred, a colour cast (per-channel gain 1 +- colour and
-    offset +- colour/3), and pixel noise. Used to show the estimator's floor on imperfect frames."""
-    gain = 1 + colour * (2 * torch.rand(1, 3, 1, 1, generator=generator) - 1)
-    offset = colour / 3 * (2 * torch.rand(1, 3, 1, 1, generator=generator) - 1)
-    noisy = gaussian_blur(video, blur) * gain + offset + noise * torch.randn(video.shape, generator=generator)
-    return noisy.clamp(0, 1)
-
-
 def interpolated_path(c2w, ratio, mode):
     """The path linear / SLERP interpolation of the keyframes at `ratio` would request (a naive guess)."""
     index = camgeo.keyframe_indices(c2w.shape[0], ratio)
@@ -341,8 +93,9 @@ def validate(num_clips, num_frames, size, config, seed=0):
         # Its true error is known, so we see whether the estimator measures such a difference correctly.
         slerp_path = interpolated_path(clip.c2w, 0.5, "slerp")
         slerp_video, _ = data.render(clip.scene, slerp_path, clip.K, size, size)
-        videos = torch.stack([clip.video, degrade(clip.video, generator), degrade(slerp_video, generator)])
-        estimated = estimate_paths(clip.scene, clip.K, videos, clip.c2w[0], config)  # (3, F, 4, 4)
+        videos = torch.stack([clip.video, estimator.degrade(clip.video, generator),
+                              estimator.degrade(slerp_video, generator)])
+        estimated = estimator.estimate_paths(clip.scene, clip.K, videos, clip.c2w[0], config)  # (3, F, 4, 4)
         candidates = {"estimator, ground-truth video": estimated[0],
                       "estimator, degraded ground-truth video": estimated[1],
                       "estimator, degraded video rendered along SLERP at 1/2": estimated[2],
@@ -382,8 +135,7 @@ def validate(num_clips, num_frames, size, config, seed=0):
 # The study: which runs, training them, generating, scoring
 
 METHOD_NAMES = {"full": "Full", "sparse": "Sparse", "linear": "Linear", "slerp": "SLERP", "camgeo": "CamGeo"}
-# Ablations of CamGeo (trained at the first ratio only): name -> (train.py flags, table name). The flags must be
-# train.py's; a flag train.py does not (yet) have is reported and its row skipped, not silently replaced.
+# Ablations of CamGeo (trained at the first ratio only): name -> (train.py flags, table name).
 ABLATIONS = {
     "camgeo_nosmooth": (["--smoothness-weight", "0"], "CamGeo w/o smoothness"),
     "camgeo_nowarmup": (["--no-warmup"], "CamGeo w/o warm-up"),
@@ -409,7 +161,7 @@ class StudyPreset:
     ablations: bool
     sample_steps: int
     cfg_scale: float
-    estimator: EstimatorConfig
+    estimator_config: estimator.EstimatorConfig
     train_flags: tuple = ()  # extra train.py flags
     plot_clips: int = 3
 
@@ -417,14 +169,14 @@ class StudyPreset:
 STUDY_PRESETS = {
     # seconds: a few training steps, two clips, a quick estimator; for CI only, the numbers mean nothing
     "smoke": StudyPreset("smoke", 4, 2, (0.5,), (0,), False, 2, 2.0,
-                         EstimatorConfig(blur_levels=(2.0, 0.0), iterations_per_level=3),
+                         estimator.EstimatorConfig(blur_levels=(2.0, 0.0), iterations_per_level=3),
                          ("--num-clips", "8", "--num-workers", "0"), plot_clips=2),
     # hours on 2 CPU cores: 12 trainings of train.py's cpu preset (~20 min each; 9 with --no-ablations), then
     # 14 x 8 videos to sample (~3 s each) and estimate (~25 s each): about 5 hours in all
-    "cpu": StudyPreset("cpu", None, 8, (0.5, 0.25), (0,), True, 25, 2.0, EstimatorConfig(),
+    "cpu": StudyPreset("cpu", None, 8, (0.5, 0.25), (0,), True, 25, 2.0, estimator.EstimatorConfig(),
                        ("--num-clips", "1024")),  # half train.py's pool: rendering it is a tenth of a run
     # one GPU for training and sampling (the estimator stays on the CPU)
-    "gpu": StudyPreset("gpu", None, 32, (0.5, 1 / 3, 0.25), (0, 1), True, 50, 2.0, EstimatorConfig()),
+    "gpu": StudyPreset("gpu", None, 32, (0.5, 1 / 3, 0.25), (0, 1), True, 50, 2.0, estimator.EstimatorConfig()),
 }
 
 
@@ -455,23 +207,6 @@ def plan_runs(methods, ratios, seeds, ablations):
             for name, (flags, label) in ABLATIONS.items():
                 runs.append(Run(f"{name}_{ratios[0]:.3g}_{seed}", "camgeo", ratios[0], seed, tuple(flags), label))
     return runs
-
-
-def train_options():
-    """train.py's --help text: what methods and flags exist right now (train.py is evolving)."""
-    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise StudyError(f"python train.py --help failed: {result.stderr.strip()[-500:]}")
-    return result.stdout
-
-
-def runnable(run, help_text):
-    """None if train.py can train this run, else why not."""
-    methods = help_text.split("--method", 1)[1].split("}", 1)[0] if "--method" in help_text else ""
-    if run.method not in methods:
-        return f"train.py has no --method {run.method}"
-    missing = [flag for flag in run.flags if flag.startswith("--") and flag not in help_text]
-    return f"train.py has no {' '.join(missing)}" if missing else None
 
 
 def train_command(run, preset, out, device, threads):
@@ -544,7 +279,7 @@ def generate(ckpt, run, clips, preset, device):
 def score_one(clip, video, config):
     """One generated video -> (estimated path (F, 4, 4), [RotErr, TransErr, CamMC, PSNR, SSIM])."""
     torch.set_num_threads(1)  # many small tensor calls: a second thread only waits (and workers run in parallel)
-    path = estimate_paths(clip.scene, clip.K, video[None], clip.c2w[0], config)[0]
+    path = estimator.estimate_paths(clip.scene, clip.K, video[None], clip.c2w[0], config)[0]
     camera = geometry.camera_metrics(clip.c2w, path)
     return path, [camera["RotErr"], camera["TransErr"], camera["CamMC"],
                   geometry.psnr(video, clip.video).item(), geometry.ssim(video, clip.video).item()]
@@ -569,7 +304,7 @@ def evaluate_run(run, ckpt, clips, preset, out_dir, device, workers=1):
     changed: the checkpoint file, the clips, the sampling or estimator settings)."""
     key = json.dumps({"ckpt_mtime": os.path.getmtime(ckpt) if ckpt else None, "clips": [c.seed for c in clips],
                       "frames": list(clips[0].video.shape), "sample_steps": preset.sample_steps,
-                      "cfg": preset.cfg_scale, "estimator": repr(preset.estimator)})
+                      "cfg": preset.cfg_scale, "estimator": repr(preset.estimator_config)})
     cache = os.path.join(out_dir, "runs", f"{run.name}.pt")
     if os.path.exists(cache):
         stored = torch.load(cache, weights_only=True)
@@ -579,10 +314,10 @@ def evaluate_run(run, ckpt, clips, preset, out_dir, device, workers=1):
     if ckpt is None:  # the ground-truth videos themselves, clean or degraded: the estimator's floor
         videos, seconds = torch.stack([c.video for c in clips]), torch.full((len(clips),), float("nan"))
         if run.name == DEGRADED_RUN:
-            videos = torch.stack([degrade(c.video, torch.Generator().manual_seed(c.seed)) for c in clips])
+            videos = torch.stack([estimator.degrade(c.video, torch.Generator().manual_seed(c.seed)) for c in clips])
     else:
         videos, seconds = generate(ckpt, run, clips, preset, device)
-    paths, metrics = score(clips, videos, preset.estimator, workers)
+    paths, metrics = score(clips, videos, preset.estimator_config, workers)
     result = {"key": key, "videos": videos, "seconds": seconds, "paths": paths, "metrics": metrics}
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     torch.save(result, cache)
@@ -765,14 +500,8 @@ def run_study(args):
     model_config = camgeo.PRESETS[preset.train_preset]
     clips = held_out_clips(preset.clips, model_config.num_frames, model_config.image_size)
     runs = plan_runs(args.methods, preset.ratios, preset.seeds, preset.ablations and "camgeo" in args.methods)
-    help_text = train_options()
-    results, skipped = {}, []
+    results = {}
     for run in runs:
-        reason = runnable(run, help_text)
-        if reason:
-            skipped.append(f"{run.name}: {reason}")
-            print(f"[{run.name}] skipped: {reason}", flush=True)
-            continue
         ckpt = ensure_checkpoint(run, preset, args.out, args.device, args.threads)
         results[run.name] = evaluate_run(run, ckpt, clips, preset, args.out, args.device, args.workers)
     floors = [Run(GT_RUN, "", 1.0, 0, (), "Ground-truth video (estimator floor)"),
@@ -785,14 +514,13 @@ def run_study(args):
              f"frames at {model_config.image_size}x{model_config.image_size}; training seeds {list(preset.seeds)}; "
              f"{preset.sample_steps} sampling steps, CFG {preset.cfg_scale}.",
              "Camera paths of the generated videos are estimated by analysis by synthesis against the known scene "
-             "(evaluate.estimate_paths; no teacher involved) and compared with the requested path. RotErr (radians), "
+             "(estimator.estimate_paths; no teacher involved) and compared with the requested path. RotErr (radians), "
              "TransErr, CamMC are CamI2V's, summed over frames; PSNR / SSIM against the ground-truth video. Cells: "
              "mean ± std over clips (median) (and the std of the per-seed means with several seeds); the estimator "
              "has a few ill-conditioned clips (see --validate), so read the medians too. Sampling time: one video, "
              f"batch of one, on {args.device}. The last two rows score the ground-truth videos themselves, as "
-             "rendered and degraded like a generated video (evaluate.degrade): the estimator's own error, the "
+             "rendered and degraded like a generated video (estimator.degrade): the estimator's own error, the "
              "smallest method difference the table can resolve."]
-    notes += [f"Skipped: {s}" for s in skipped]
     # the paper's cost claim: the teacher is gone at inference, so CamGeo samples exactly as fast as Sparse
     timing = {(r["method"], r["keyframes"]): r["sample_s_per_video"] for r in rows}
     for (method, keyframes), seconds in timing.items():
@@ -873,7 +601,7 @@ def main(argv=None):
     if args.validate:
         os.makedirs(args.out, exist_ok=True)
         clips = args.clips or 16
-        report = validate(clips, args.frames, args.size, STUDY_PRESETS[args.preset].estimator)
+        report = validate(clips, args.frames, args.size, STUDY_PRESETS[args.preset].estimator_config)
         command = "python evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv)
         with open(os.path.join(args.out, "validation.md"), "w") as f:
             f.write(f"# Camera estimator validation\n\n`{command}`\n\n{report}\n")

@@ -12,6 +12,8 @@ has its centre at (u, v) = (j + 0.5, i + 0.5); K is in pixels of the image it de
 z along the optical axis. Every function is batched over leading dims, works in float32 and
 float64 and is differentiable (except where a docstring says otherwise). No nn.Modules, no I/O.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -548,6 +550,20 @@ def psnr(a, b):
     _check_videos(a, b)
     mse = (a - b).pow(2).flatten(-3).mean(-1).clamp(min=PSNR_MIN_MSE)  # (...)
     return (10 * torch.log10(1 / mse)).mean()
+
+
+def gaussian_blur(images, sigma):
+    """(N, C, H, W) -> same shape, separable Gaussian with replicated borders; sigma 0 returns the input."""
+    if sigma <= 0:
+        return images
+    radius = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-x * x / (2 * sigma * sigma))
+    kernel = kernel / kernel.sum()
+    C = images.shape[1]
+    padded = F.pad(images, (radius, radius, radius, radius), mode="replicate")
+    out = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
 
 
 def _gaussian_window(size, sigma, dtype, device):

@@ -340,7 +340,7 @@ def stop_on_non_finite(what, step, terms, args):
 def load_teacher(path, device):
     if not os.path.isfile(path):
         raise ValueError(f"teacher checkpoint {path} not found: pass --teacher PATH, or train the small teacher with "
-                         f"`python teacher.py --train --out {DEFAULT_TEACHER}`")
+                         f"`python train_teacher.py --half --out {DEFAULT_TEACHER}`")
     return teacher.freeze(teacher.load_vggt(path)).to(device)
 
 

@@ -8,8 +8,10 @@ from PIL import Image
 
 import camgeo
 import data
+import estimator
 import evaluate
 import geometry
+import train
 
 
 def rotation_degrees(c2w_a, c2w_b):
@@ -38,9 +40,9 @@ def test_estimator_recovers_a_perturbed_pose_of_a_ground_truth_frame(clip):
     truth = clip.c2w[frame:frame + 1]
     # a few degrees and centimetres off in every axis
     delta = torch.tensor([[0.03, -0.025, 0.02, 0.05, -0.03, 0.04]])
-    start = evaluate.apply_increment(truth, delta)
+    start = estimator.apply_increment(truth, delta)
     assert rotation_degrees(start, truth).item() > 2.0
-    estimate, _ = evaluate.refine_poses(clip.scene, clip.K, clip.video[frame:frame + 1], start)
+    estimate, _ = estimator.refine_poses(clip.scene, clip.K, clip.video[frame:frame + 1], start)
     assert rotation_degrees(estimate, truth).item() < 0.05
     assert (estimate[0, :3, 3] - truth[0, :3, 3]).norm().item() < 0.002
 
@@ -49,13 +51,13 @@ def test_estimator_ignores_a_colour_cast(clip):
     frame = 1
     truth = clip.c2w[frame:frame + 1]
     cast = (clip.video[frame:frame + 1] * torch.tensor([0.85, 1.0, 1.1]).view(1, 3, 1, 1) + 0.03).clamp(0, 1)
-    start = evaluate.apply_increment(truth, torch.tensor([[0.02, 0.0, -0.01, 0.03, 0.0, 0.0]]))
-    estimate, _ = evaluate.refine_poses(clip.scene, clip.K, cast, start)
+    start = estimator.apply_increment(truth, torch.tensor([[0.02, 0.0, -0.01, 0.03, 0.0, 0.0]]))
+    estimate, _ = estimator.refine_poses(clip.scene, clip.K, cast, start)
     assert rotation_degrees(estimate, truth).item() < 0.1
 
 
 def test_estimated_path_of_a_ground_truth_clip_is_far_closer_than_a_still_camera(clip):
-    path = evaluate.estimate_paths(clip.scene, clip.K, clip.video[None], clip.c2w[0])[0]
+    path = estimator.estimate_paths(clip.scene, clip.K, clip.video[None], clip.c2w[0])[0]
     assert torch.equal(path[0], clip.c2w[0])  # frame 0 is the given reference pose
     error = geometry.camera_metrics(clip.c2w, path)
     still = geometry.camera_metrics(clip.c2w, clip.c2w[:1].expand_as(clip.c2w))
@@ -108,7 +110,7 @@ def test_smoke_study_writes_one_line_per_video(smoke_study):
 
 
 def test_validation_puts_the_estimator_below_a_still_camera():
-    config = evaluate.EstimatorConfig(blur_levels=(2.0, 0.0), iterations_per_level=4)
+    config = estimator.EstimatorConfig(blur_levels=(2.0, 0.0), iterations_per_level=4)
     report = evaluate.validate(1, 4, 16, config)
     rows = {line.split(" | ")[0].strip("| "): line for line in report.splitlines() if line.startswith("| ")}
     rot_err = lambda name: float(rows[name].split(" | ")[1].split(" ")[0])
@@ -131,15 +133,26 @@ def test_smoke_study_reuses_its_checkpoint(smoke_study, capsys):
     assert "reusing" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name", sorted(evaluate.ABLATIONS))
+def test_every_study_run_is_a_valid_train_py_command(name, tmp_path):
+    preset = evaluate.STUDY_PRESETS["cpu"]
+    flags, _ = evaluate.ABLATIONS[name]
+    run = evaluate.Run(name, "camgeo", 0.5, 0, tuple(flags), name)
+    command = evaluate.train_command(run, preset, str(tmp_path), "cpu", 1)
+    args = train.parse_args(command[2:])  # argparse exits on a flag train.py does not have
+    assert args.method == "camgeo" and args.out == str(tmp_path)
+
+
 def test_unknown_method_is_a_one_line_error(tmp_path):
     with pytest.raises(ValueError, match="unknown method"):
         evaluate.main(["--preset", "smoke", "--methods", "sparse,teleport", "--out", str(tmp_path)])
 
 
-def test_check_reports_own_and_wrong_cameras_next_to_repeating_the_reference(smoke_study, capsys):
+def test_check_reports_own_and_wrong_cameras_next_to_repeating_the_reference(smoke_study, tmp_path, capsys):
     ckpt = next(os.path.join(root, "ckpt.safetensors") for root, _, files in os.walk(smoke_study)
                 if "ckpt.safetensors" in files)
-    evaluate.main(["--check", ckpt, "--clips", "3", "--sample-steps", "2"])
+    evaluate.main(["--check", ckpt, "--clips", "3", "--sample-steps", "2", "--out", str(tmp_path)])
+    assert os.path.isfile(tmp_path / "check_frames.png")
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
     assert [row.split(" | ")[0] for row in rows[1:]] == [
         "| repeat the reference frame", "| reference resampled along the given rays (a new model's guess)",

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import teacher
+import train_teacher
 from teacher import VGGT, VGGTConfig, freeze, load_vggt, save_teacher, teacher_geometry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -290,7 +291,7 @@ def test_training_targets_put_frame_zero_at_identity_with_unit_scene_scale():
     w2c[0, 1:, 2, 3] = torch.tensor([-1.0, -2.0])  # camera moves forward 1 and 2 along z
     depth = torch.full((1, 3, 8, 8), 4.0)
     K = torch.tensor([[[8.0, 0, 4], [0, 8.0, 4], [0, 0, 1]]])
-    pose_enc, depth_n, points, scale = teacher.vggt_targets(w2c, K, depth)
+    pose_enc, depth_n, points, scale = train_teacher.vggt_targets(w2c, K, depth)
     assert torch.allclose(pose_enc[0, 0, :7], torch.tensor([0, 0, 0, 0, 0, 0, 1.0]), atol=1e-6)
     assert torch.allclose(points.norm(dim=-1).mean(), torch.tensor(1.0))
     # Translations and depth are divided by the same scale.
