@@ -73,23 +73,6 @@ RIDGE = 1e-6
 OUTLIER_CURVATURE = 0.1
 # Width in pixels of the band inside the view margin over which a warped pixel's weight fades in.
 BORDER_RAMP = 1.0
-# Separable blur kernels reach this many sigmas (the tail beyond holds < 0.3% of the weight).
-BLUR_RADIUS_SIGMAS = 3.0
-
-
-def gaussian_blur(images, sigma):
-    """Separable Gaussian blur of images (N, C, H, W), edges replicated; sigma 0 returns the input."""
-    if sigma == 0:
-        return images
-    radius = max(1, int(BLUR_RADIUS_SIGMAS * sigma + 0.5))
-    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    C = images.shape[1]
-    images = F.pad(images, (radius, radius, 0, 0), mode="replicate")
-    images = F.conv2d(images, kernel.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
-    images = F.pad(images, (0, 0, radius, radius), mode="replicate")
-    return F.conv2d(images, kernel.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
 
 
 def image_gradients(images):
@@ -196,7 +179,7 @@ def align_pairs(source, target, source_depth, source_K, target_K, init_relative=
     def prepare(source, target, depth, source_K, target_K, sigma):
         # Per level: blurred source colours, target colours and gradients stacked for one
         # bilinear lookup, and the source points (zeroed where the depth is unusable).
-        blurred = gaussian_blur(torch.cat([source, target]), sigma)  # (2N, C, H, W)
+        blurred = geometry.gaussian_blur(torch.cat([source, target]), sigma)  # (2N, C, H, W)
         grad_u, grad_v = image_gradients(blurred[N:])
         points = geometry.unproject_depth(depth, source_K).permute(0, 3, 1, 2)  # (N, 3, H, W)
         usable = (depth > geometry.DEPTH_EPS) & torch.isfinite(points).all(1)

@@ -386,16 +386,16 @@ def project_points(points, K):
     return projected[..., :2] / z_safe[..., None], z
 
 
-def project_depth(depth, K, T):
-    """Warp camera A's pixels into camera B: depth (B, H, W) of A, shared K (B, 3, 3), T (B, 4, 4)
-    mapping A's camera frame to B's (T = w2c_B @ c2w_A) -> (uv (B, H, W, 2) in B's pixels,
-    z (B, H, W) depth in B).   uv ~ K (R_T D_A(u) K^-1 [u, 1] + t_T),  u = A's pixel centres.
+def project_depth(depth, K, T, K_b=None):
+    """Warp camera A's pixels into camera B: depth (B, H, W) of A, K (B, 3, 3) (shared, or A's when K_b
+    gives B's), T (B, 4, 4) mapping A's camera frame to B's (T = w2c_B @ c2w_A) -> (uv (B, H, W, 2) in
+    B's pixels, z (B, H, W) depth in B).   uv ~ K_b (R_T D_A(u) K^-1 [u, 1] + t_T),  u = A's pixel centres.
     """
     _check_last_dims("K", K, (3, 3))
     T = to_homogeneous(T)
     points_a = unproject_depth(depth, K)  # (B, H, W, 3)
     points_b = transform_points(T, points_a)
-    return project_points(points_b, K)
+    return project_points(points_b, K if K_b is None else K_b)
 
 
 def in_view(uv, H, W, margin=0.0):
@@ -455,7 +455,7 @@ def align_depth_scale(pred, target, valid, mode="median"):
     return torch.where(ok, torch.where(ok, numerator, one) / torch.where(ok, denominator, one), one)
 
 
-def depth_consistency_residual(depth_a, depth_b, K, T_a_to_b, scale_invariant=None):
+def depth_consistency_residual(depth_a, depth_b, K, T_a_to_b, scale_invariant=None, K_b=None):
     """Cross-frame depth consistency: warp A's depth into B and compare with B's own depth there.
 
     uv, z = project_depth(D_A, K, T_a_to_b);  D_B' = bilinear D_B at uv.
@@ -469,7 +469,8 @@ def depth_consistency_residual(depth_a, depth_b, K, T_a_to_b, scale_invariant=No
             & D_A, D_B' > DEPTH_EPS & all finite.
     s and median(z) are computed over valid pixels per batch element, gradients flow through both.
     Inputs: depth_a, depth_b (B, H, W), K (B, 3, 3), T_a_to_b (B, 4, 4) (A camera -> B camera);
-    more leading dims are fine (K, T broadcast to them).
+    K_b (B, 3, 3): B's intrinsics when they differ from A's (K is then A's); more leading dims are fine
+    (K, K_b, T broadcast to them).
     Returns residual (B, H, W) (0 where invalid), valid (B, H, W) bool.
     """
     if scale_invariant not in (None, "median", "lstsq"):
@@ -477,18 +478,19 @@ def depth_consistency_residual(depth_a, depth_b, K, T_a_to_b, scale_invariant=No
     if depth_a.dim() < 3 or depth_a.shape != depth_b.shape:
         raise ValueError(f"depth_a and depth_b must both be (B, H, W), got {tuple(depth_a.shape)} "
                          f"and {tuple(depth_b.shape)}")
+    K_b = K if K_b is None else K_b
     _check_last_dims("K", K, (3, 3))
+    _check_last_dims("K_b", K_b, (3, 3))
     T_a_to_b = to_homogeneous(T_a_to_b)
     # Extra leading dims (e.g. batch x frame pairs) are folded into one batch dim.
     lead, (H, W) = depth_a.shape[:-2], depth_a.shape[-2:]
-    try:
-        K = K.expand(*lead, 3, 3).reshape(-1, 3, 3)
-        T_a_to_b = T_a_to_b.expand(*lead, 4, 4).reshape(-1, 4, 4)
-    except RuntimeError:
-        raise ValueError(f"K {tuple(K.shape)} and T_a_to_b {tuple(T_a_to_b.shape)} do not match the "
-                         f"depth batch shape {tuple(lead)}") from None
+    if any(torch.broadcast_shapes(x.shape[:-2], lead) != lead for x in (K, K_b, T_a_to_b)):
+        raise ValueError(f"K {tuple(K.shape)}, K_b {tuple(K_b.shape)} and T_a_to_b {tuple(T_a_to_b.shape)} do not "
+                         f"match the depth batch shape {tuple(lead)}")
+    K, K_b = K.expand(*lead, 3, 3).reshape(-1, 3, 3), K_b.expand(*lead, 3, 3).reshape(-1, 3, 3)
+    T_a_to_b = T_a_to_b.expand(*lead, 4, 4).reshape(-1, 4, 4)
     depth_a, depth_b = depth_a.reshape(-1, H, W), depth_b.reshape(-1, H, W)
-    uv, z = project_depth(depth_a, K, T_a_to_b)  # (B, H, W, 2), (B, H, W)
+    uv, z = project_depth(depth_a, K, T_a_to_b, K_b)  # (B, H, W, 2), (B, H, W)
     sampled_b = sample_at(depth_b[:, None], uv)[:, 0]  # (B, H, W)
     valid = (in_view(uv, H, W, CONSISTENCY_VIEW_MARGIN) & (z > DEPTH_EPS) & (depth_a > DEPTH_EPS)
              & (sampled_b > DEPTH_EPS) & torch.isfinite(z) & torch.isfinite(sampled_b)
