@@ -3,8 +3,8 @@
 Read top to bottom: config and presets, the conditioning (keyframes, camera -> Plücker maps and where each ray
 meets the reference image, prompt -> tokens), the embedders, the DiT-style blocks, the full-resolution output
 head, the model, then the diffusion (rectified flow) training loss and the Euler sampler with classifier-free
-guidance, the CamGeo distillation (teacher gate, L_traj, the fused L_geo, the curriculum), and finally the
-checkpoint loader used by sample.py.
+guidance, and finally the checkpoint loader used by sample.py. The CamGeo distillation, which trains this model
+with a teacher's reading of its predictions, is distill.py.
 
 Pixel space, no latent autoencoder: frames are tiny (32x32 by default), a 4x4 patch is only 48 numbers, and no
 pretrained VAE exists on these machines; training one would double the code for no gain at this size.
@@ -66,14 +66,10 @@ LOGIT_NORMAL_MEAN = 0.0
 LOGIT_NORMAL_STD = 1.0
 # The network outputs the clean video x0_hat and the velocity is derived from it, v_hat = (x_t - x0_hat) / t
 # ("x-prediction", as in Li & He's JiT): in pixel space a 4x4x3 patch of pure noise is hard to pass through the
-# transformer, a clean patch is not. A first version predicting v directly still left visible noise in its
-# samples after 500 steps.
-# The loss is on the clean video, |x0_hat - x0|^2, which is the velocity loss |v_hat - v|^2 weighted by t^2.
-# The plain velocity loss weighs a sample by 1/t^2: the near-clean samples, where the camera hardly matters,
-# outweigh the noisy ones, where it decides the layout, by 100 to 1. Measured on the cpu preset (with the
-# resampled reference of CamGeo.forward, 600 steps, 64 test clips; clean-video error at t = 0.98 with the true
-# cameras / another clip's cameras): velocity loss 0.099 / 0.100, clean-video loss 0.081 / 0.083.
-# Translations are divided by the largest keyframe translation norm; this floor keeps a camera that barely
+# transformer, a clean patch is not. The loss is on the clean video, |x0_hat - x0|^2, which is the velocity
+# loss |v_hat - v|^2 weighted by t^2: the plain velocity loss weighs a sample by 1/t^2, so near-clean samples,
+# where the camera hardly matters, would outweigh the noisy ones, where it decides the layout, by 100 to 1.
+# The given poses are divided by their largest keyframe translation norm; this floor keeps a camera that barely
 # moves (pure rotation, hand-shake only) from having its jitter blown up to unit length.
 TRANSLATION_SCALE_FLOOR = 1e-3
 TIMESTEP_FREQUENCY_SCALE = 1000.0  # t in [0, 1] is scaled like DiT's integer steps before the sinusoid
@@ -141,7 +137,11 @@ def keyframe_relative_c2w(w2c, keyframe_mask):
                       c2w[..., 3:, :]], dim=-2)
 
 
-# Channels of the camera input: Plücker [o x d, d] (6), where each ray meets the reference image (2), the mask (1).
+# Channels of the camera input (camera_conditioning): Plücker [o x d, d], where each ray meets the reference
+# image (reference_grid, grid_sample coordinates), and the keyframe mask.
+PLUCKER_CHANNELS = slice(0, 6)
+GRID_CHANNELS = slice(6, 8)
+MASK_CHANNELS = slice(8, 9)
 CAMERA_CHANNELS = 9
 
 
@@ -187,7 +187,7 @@ def camera_conditioning(w2c, K, keyframe_mask, height, width):
     w2c = torch.where(mask[..., None, None] > 0, w2c, eye)
     c2w = keyframe_relative_c2w(w2c, mask)
     plucker = geometry.plucker_embedding(K, c2w, height, width)  # (B, F, 6, H, W)
-    grid = reference_grid(plucker[:, :, 3:], K[:, 0])  # (B, F, 2, H, W)
+    grid = reference_grid(plucker[:, :, 3:], K[:, 0])  # ray directions d -> (B, F, 2, H, W)
     mask_map = mask[..., None, None, None].expand(-1, -1, 1, height, width)  # (B, F, 1, H, W)
     return torch.cat([plucker * mask_map, grid * mask_map, mask_map], dim=2)
 
@@ -200,18 +200,30 @@ def reference_guess(reference, camera, camera_drop=None):
     reference sampled at reference_grid where the pose is given (and the camera not dropped), zeros elsewhere;
     guess is resampled there and the reference itself elsewhere. Border padding: where a ray leaves the reference,
     its nearest edge pixel is repeated (a wall usually goes on); the grid channels still tell the network which
-    pixels those are. With every pose given this guess alone scores 19.4 dB PSNR on 64 test clips (frames 1-7),
-    repeating the reference 17.4 dB.
+    pixels those are.
     """
     B, num_frames, _, H, W = camera.shape
-    mask = camera[:, :, 8:9]  # (B, F, 1, H, W), 1 where the pose is given
+    mask = camera[:, :, MASK_CHANNELS]  # (B, F, 1, H, W), 1 where the pose is given
     if camera_drop is not None:
         mask = mask * ~camera_drop[:, None, None, None, None]
     references = reference[:, None].expand(-1, num_frames, -1, -1, -1)
-    grid = camera[:, :, 6:8].flatten(0, 1).permute(0, 2, 3, 1)  # (B*F, H, W, 2)
+    grid = camera[:, :, GRID_CHANNELS].flatten(0, 1).permute(0, 2, 3, 1)  # (B*F, H, W, 2)
     resampled = F.grid_sample(references.flatten(0, 1), grid, mode="bilinear", padding_mode="border",
                               align_corners=False).view(B, num_frames, 3, H, W) * mask
     return resampled, resampled + references * (1 - mask)
+
+
+def keyframe_camera(w2c, K, keyframe_mask, method, height, width):
+    """What a checkpoint of `method` is conditioned on, given poses at the keyframes only.
+
+    w2c (B, F, 4, 4) (anything at frames without a pose), K (B, F, 4) [fx, fy, cx, cy] pixels, keyframe_mask
+    (B, F). Sparse / CamGeo see the keyframes and the mask; Linear / SLERP (and Full, which was trained with every
+    pose) see the missing poses filled by interpolation, given as if known. Returns (camera (B, F,
+    CAMERA_CHANNELS, H, W), w2c_conditioned (B, F, 4, 4), the poses actually used)."""
+    if method in ("linear", "slerp", "full") and not bool(keyframe_mask.all()):
+        w2c = fill_missing_poses(w2c, keyframe_mask, "slerp" if method == "full" else method)
+        keyframe_mask = torch.ones_like(keyframe_mask)
+    return camera_conditioning(w2c, K, keyframe_mask, height, width), w2c
 
 
 def camera_inputs(w2c, K, method, ratio, random_keyframes=False, generator=None, height=32, width=32):
@@ -229,12 +241,8 @@ def camera_inputs(w2c, K, method, ratio, random_keyframes=False, generator=None,
         keyframe_mask = torch.zeros(B, num_frames)
         keyframe_mask[:, keyframe_indices(num_frames, ratio)] = 1
     keyframe_mask = keyframe_mask.to(w2c.device)
-    conditioning_mask = keyframe_mask
-    if method in ("linear", "slerp"):
-        w2c = fill_missing_poses(w2c, keyframe_mask, method)
-        conditioning_mask = torch.ones_like(keyframe_mask)  # interpolated poses are given as if known
     K_frames = intrinsics_vector(K)[:, None].expand(B, num_frames, 4)
-    camera = camera_conditioning(w2c, K_frames, conditioning_mask, height, width)
+    camera, w2c = keyframe_camera(w2c, K_frames, keyframe_mask, method, height, width)
     return camera, keyframe_mask, w2c
 
 
@@ -373,12 +381,12 @@ class Block(nn.Module):
         self.temporal_attn = Attention(width, num_heads)
         self.norm_mlp = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.mlp = MLP(width, int(width * mlp_ratio))
-        # shift, scale, gate for each of the three sub-layers
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 9 * width))
+        # shift, scale and gate for each of the three sub-layers
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * 3 * width))
 
     def forward(self, x, c):  # x (B, F, N, D), c (B, D)
         B, num_frames, N, D = x.shape
-        mod = self.adaLN_modulation(c)[:, None, None, :].chunk(9, dim=-1)  # 9 x (B, 1, 1, D)
+        mod = self.adaLN_modulation(c)[:, None, None, :].chunk(3 * 3, dim=-1)  # 9 x (B, 1, 1, D)
         shift_s, scale_s, gate_s, shift_t, scale_t, gate_t, shift_m, scale_m, gate_m = mod
         h = modulate(self.norm_spatial(x), shift_s, scale_s).reshape(B * num_frames, N, D)
         x = x + gate_s * self.spatial_attn(h).view(B, num_frames, N, D)
@@ -403,21 +411,14 @@ class PixelHead(nn.Module):
     """The denoiser's output at full resolution: three 3x3 convolutions over the transformer's per-pixel features,
     the noisy frame x_t, the guess and the time t, giving the change to the guess.
 
-    Why: with the output taken straight from the tokens (a linear layer per 4x4 patch, as in DiT) each patch was
-    painted on its own, and samples were covered in 4x4 blocks that grew frame by frame. The convolutions reach
-    across patch borders and see x_t and the guess pixel by pixel. Measured on the SLERP baseline, cpu preset,
-    1000 steps (evaluate.py --check: 16 held-out clips, frames 1-7): samples 18.24 -> 18.59 dB PSNR, SSIM 0.445
-    -> 0.456, and the blocks are gone from the frames. Both still score below the guess they start from (19.29
-    dB) at that length; from the true x_t at t = 0.04 (itself 33.2 dB) both return an x0_hat of about 25.5 dB.
-    Tried and measured worse or no better, same probe: EDM's preconditioning (x0_hat = guess + c_skip(t) (x_t -
-    (1-t) guess) + c_out(t) F) without this head, which hands x_t through by a fixed rule but leaves the noise
-    for the patches to cancel, 15.98 dB (16.74 with EDM's loss weighting); with this head, half the training
-    times drawn uniformly instead of logit-normal (ten times more practice below t = 0.1), 18.52 dB.
+    Why not a linear layer per patch, as in DiT: each 4x4 patch would be painted on its own, and at this model
+    size the samples show the patch grid. The convolutions reach across patch borders and see x_t and the guess
+    pixel by pixel (RESULTS.md compares the two).
     """
 
     def __init__(self, feature_channels, width):
         super().__init__()
-        in_channels = feature_channels + 3 + 3 + 1  # features, x_t, guess, t
+        in_channels = feature_channels + 3 + 3 + 1  # features, x_t (RGB), guess (RGB), t
         self.net = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.SiLU(),
                                  nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
                                  nn.Conv2d(width, 3, 3, padding=1))
@@ -441,13 +442,11 @@ class CamGeo(nn.Module):
     the head's last convolution zero-initialised a new model predicts that guess, and learns what it gets wrong:
     parallax, what comes into view, and the frames without a pose.
 
-    Why the resampled reference: with Plücker maps alone, this model (cpu preset) learnt nothing from the camera
-    in the CPU budget. Its clean-video error at every noise level was the same with the true cameras as with
-    another clip's cameras (1500 steps), because turning a ray map into "move this content by so many pixels"
-    is a warp the network has to discover. The resampled reference hands it the rotational part of that warp
-    as a local copy, as cheap to learn as copying the reference itself; the parallax of translation (needs
-    depth) and the frames without a pose are still the network's job, and those are what CamGeo's distillation
-    is about.
+    Why the resampled reference: turning a ray map into "move this content by so many pixels" is a warp the
+    network would have to discover, and at this size and CPU budget it does not (RESULTS.md: with Plücker maps
+    alone the samples ignore the camera). The resampled reference hands it the rotational part of that warp as
+    a local copy; the parallax of translation (it needs depth) and the frames without a pose are still the
+    network's job, and those are what CamGeo's distillation is about.
     """
 
     def __init__(self, config):
@@ -457,8 +456,8 @@ class CamGeo(nn.Module):
         if config.image_size % p:
             raise ValueError(f"image_size {config.image_size} is not a multiple of patch_size {p}")
         self.grid_size = config.image_size // p
-        # noisy frame (3) + reference (3) + reference resampled along the frame's rays (3)
-        self.frame_embedder = nn.Conv2d(9, D, kernel_size=p, stride=p)
+        # RGB of the noisy frame, the reference and the reference resampled along the frame's rays
+        self.frame_embedder = nn.Conv2d(3 * 3, D, kernel_size=p, stride=p)
         self.camera_embedder = CameraEmbedder(p, D, config.camera_drop_prob)
         self.t_embedder = TimestepEmbedder(D)
         self.text_embedder = TextEmbedder(config.text_vocab_size, D, config.text_drop_prob)
@@ -494,14 +493,16 @@ class CamGeo(nn.Module):
         nn.init.zeros_(self.pixel_head.net[-1].weight)
         nn.init.zeros_(self.pixel_head.net[-1].bias)
 
-    def forward(self, x_t, t, reference, prompts, camera, force_drop=None):
+    def forward(self, x_t, t, reference, prompts, camera, force_drop=None, camera_drop=None):
         """x_t (B, F, 3, H, W) and reference (B, 3, H, W) in [-1, 1]; t (B,); prompts list of B strings;
         camera (B, F, CAMERA_CHANNELS, H, W) from camera_conditioning; force_drop (B,) bool drops text and camera
-        together.
+        together; camera_drop (B,) bool: which cameras are dropped, if the caller has drawn it (training_losses
+        does, so that the distillation knows which clips had no camera), else drawn here.
         Returns the predicted clean video x0_hat (B, F, 3, H, W) in [-1, 1] units."""
         B, num_frames, _, H, W = x_t.shape
         p, D = self.config.patch_size, self.config.width
-        camera_drop = drop_decisions(B, self.camera_embedder.drop_prob, self.training, force_drop, x_t.device)
+        if camera_drop is None:
+            camera_drop = drop_decisions(B, self.camera_embedder.drop_prob, self.training, force_drop, x_t.device)
         references = reference[:, None].expand(-1, num_frames, -1, -1, -1)  # (B, F, 3, H, W)
         resampled, guess = reference_guess(reference, camera, camera_drop)
         frames = torch.cat([x_t, references, resampled], dim=2)  # (B, F, 9, H, W)
@@ -533,8 +534,10 @@ def training_losses(model, video, prompts, camera, generator=None):
 
     x_t = (1 - t) x0 + t eps,  target velocity v = eps - x0,  v_hat = (x_t - x0_hat) / t from the network's
     clean video x0_hat (so x0_hat = x_t - t v_hat exactly),  loss = t^2 |v_hat - v|^2 = |x0_hat - x0|^2 (mean).
-    x0_hat is returned with gradients (in [0, 1] units, unclamped) because the geometry distillation looks at it.
-    Returns dict(loss, x0_pred, t, x_t, v_pred).
+    x0_hat is returned with gradients (in [0, 1] units, unclamped) because the geometry distillation looks at it,
+    and camera_drop (B,) bool marks the clips whose camera was dropped for guidance (nothing for the distillation
+    to follow there).
+    Returns dict(loss, x0_pred, t, x_t, v_pred, camera_drop).
     """
     x0 = video * 2 - 1
     reference = x0[:, 0]
@@ -548,10 +551,12 @@ def training_losses(model, video, prompts, camera, generator=None):
     config = getattr(model, "module", model).config  # the model itself, or the one DistributedDataParallel wraps
     if model.training and config.joint_drop_prob > 0:
         force_drop = torch.rand(B, generator=generator).to(x0.device) < config.joint_drop_prob
-    x0_pred = model(x_t, t, reference, prompts, camera, force_drop)
+    camera_drop = drop_decisions(B, config.camera_drop_prob, model.training, force_drop, x0.device)
+    x0_pred = model(x_t, t, reference, prompts, camera, force_drop, camera_drop)
     v_pred = (x_t - x0_pred) / t_
     loss = (x0_pred - x0).pow(2).mean()  # = mean of t^2 |v_pred - (eps - x0)|^2
-    return {"loss": loss, "x0_pred": (x0_pred + 1) / 2, "t": t, "x_t": x_t, "v_pred": v_pred}
+    return {"loss": loss, "x0_pred": (x0_pred + 1) / 2, "t": t, "x_t": x_t, "v_pred": v_pred,
+            "camera_drop": camera_drop}
 
 
 @torch.no_grad()
@@ -583,270 +588,6 @@ def sample(model, reference, prompts, camera, num_steps=25, cfg_scale=2.0, seed=
             v = v_uncond + cfg_scale * (v_cond - v_uncond)
         x = x + (t_next - t) * v
     return ((x + 1) / 2).clamp(0, 1)
-
-
-# -----------------------------------------------------------------------------
-# CamGeo distillation
-#
-# train.py runs the frozen teacher (teacher.py) on the student's predicted video; everything here works on the
-# tensors it returns, so this file never imports the teacher. One function per equation: teacher_weight (the gate
-# on the noise level), trajectory_loss (L_traj), geometry_loss (L_geo, all frame pairs fused in one function that
-# train.py compiles), curriculum_weights (alpha, beta) and total_loss (L_total).
-#
-# Choices the paper leaves open (each is an option of train.py):
-# The teacher reads the student's clean-video prediction x0_hat. Past SNR = 1 (t = 0.5 in rectified flow, where
-# noise and signal weigh the same in x_t) x0_hat is a blurred guess that no geometry model can read; below it the
-# weight ramps linearly to 1 at t = 0, so the teacher's word counts most where the frames are legible.
-TEACHER_T_MAX = 0.5
-# At most this fraction of each batch goes through the teacher (rounded up, so at least one clip): one teacher
-# forward + backward of a clip costs ~20% of a whole Sparse step of 8 clips on CPU (bench.py), so an eighth keeps
-# a CamGeo step within 1.3x of a Sparse step; the distillation loss is a mean over the clips shown either way.
-TEACHER_BATCH_FRACTION = 0.125
-# The teacher's fields of view are clamped to this range before its cameras are used: its FoV output has a ReLU
-# floor, and a FoV of 0 is an infinite focal length that turns every projection into NaN (early in training the
-# student's blurry frames do get such readings). The range is far wider than any real camera's.
-TEACHER_FOV_RANGE_DEG = (10.0, 150.0)
-# Frame spans k of the pairs (f, f + k) in L_geo; spans >= the clip length are dropped. Span 1 keeps
-# neighbours consistent, span 4 (half the default 8-frame clip) ties distant frames together against drift.
-GEO_SPANS = (1, 2, 4)
-# w = exp(gamma k): a mild extra tilt toward long spans (x1.25 for k = 4 vs k = 1) on top of lambda(k).
-GEO_GAMMA = 0.075
-# w = exp(-eta |grad I|_1), |grad I|_1 in [0, 1] image units (mean over RGB of |dI/dx| + |dI/dy|): a strong
-# edge (0.3) gets weight 0.22, a flat region 1. Edges are where depth is discontinuous and occlusions begin.
-GEO_ETA = 5.0
-# Scale alignment of the sampled depth to the warped depth: least squares (gradient reaches every valid
-# pixel, and it is two sums, which fuse) rather than a median (gradient to a single pixel, a sort).
-GEO_SCALE_MODE = "lstsq"
-# Weight of the trajectory-smoothness term inside L_geo (0: the "w/o smoothness" ablation).
-GEO_SMOOTHNESS_WEIGHT = 1.0
-# Curriculum, as fractions of the run. Phase 1 (warm-up, diffusion only) ends at 10%; alpha (distillation
-# on) is centred at 20%, beta (trajectory -> depth) at 50%; each sigmoid rises over about +-3 widths.
-CURRICULUM_WARMUP = 0.1
-CURRICULUM_ALPHA_MID = 0.2
-CURRICULUM_BETA_MID = 0.5
-CURRICULUM_WIDTH = 0.03
-
-
-def teacher_weight(t, t_max=TEACHER_T_MAX):
-    """Per-clip weight of the distillation losses at flow time t (B,): w(t) = max(0, 1 - t / t_max).
-
-    The teacher gate: at t >= t_max the predicted frames are too blurred for the teacher to read, and a loss on
-    its reading would teach the student the teacher's guesses; such clips are not shown to the teacher at all.
-    Below t_max the weight grows linearly as the frames sharpen (a soft gate: no jump in the loss at t_max).
-    """
-    if not 0.0 < t_max <= 1.0:
-        raise ValueError(f"teacher t_max must be in (0, 1], got {t_max}")
-    return (1 - t / t_max).clamp(min=0)
-
-
-def select_teacher_clips(weights, fraction=TEACHER_BATCH_FRACTION):
-    """Indices (n,) of the clips the teacher looks at this step: those of positive weight, at most
-    ceil(fraction * B) of them, in batch order (the batch order is already random)."""
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"teacher batch fraction must be in (0, 1], got {fraction}")
-    open_clips = (weights > 0).nonzero().flatten()
-    return open_clips[: math.ceil(fraction * weights.shape[0])]
-
-
-def teacher_cameras(pose_enc, image_size_hw):
-    """The teacher's pose encodings (B, F, 9) -> (w2c (B, F, 3, 4), K (B, F, 3, 3) in pixels of image_size_hw),
-    geometry.pose_encoding_to_extri_intri with both fields of view clamped to TEACHER_FOV_RANGE_DEG."""
-    low, high = (math.radians(d) for d in TEACHER_FOV_RANGE_DEG)
-    fov = pose_enc[..., 7:].clamp(low, high)
-    return geometry.pose_encoding_to_extri_intri(torch.cat([pose_enc[..., :7], fov], dim=-1), image_size_hw)
-
-
-def trajectory_loss(pred_w2c, pred_K, gt_w2c, gt_K, keyframe_mask, image_size_hw):
-    """Keyframe trajectory distillation, per clip (B,):
-
-        L_traj = mean_{s in S, s != 0} |phi(R_hat_s) - phi(R_s)|_1 + |T_hat_s - T_s|_1 + |K_hat_s - K_s|_1
-
-    pred_w2c (B, F, 3|4, 4), pred_K (B, F, 3, 3): the teacher's cameras of the predicted video;
-    gt_w2c (B, F, 4, 4), gt_K (B, 3, 3) or (B, F, 3, 3): the true ones; keyframe_mask (B, F), frame 0 set.
-    Both trajectories get the same treatment (VGGT's world is its first frame and its scale is its own):
-    made relative to frame 0, translations divided by the trajectory's largest keyframe camera-centre norm
-    (keyframe_relative_c2w: the scale camera_conditioning gives the student), then encoded as VGGT does
-    (geometry.extri_intri_to_pose_encoding): T = w2c translation, phi = XYZW unit quaternion with w >= 0, K
-    compared as the two fields of view in radians (resolution-free).
-    The predicted quaternion is also flipped onto the ground truth's hemisphere: near 180 degrees w ~ 0 and
-    standardisation alone can pick opposite signs for the same rotation. Frame 0 is identity on both sides.
-    """
-    if keyframe_mask.shape != gt_w2c.shape[:2] or pred_w2c.shape[:2] != gt_w2c.shape[:2]:
-        raise ValueError(f"trajectory_loss: keyframe_mask {tuple(keyframe_mask.shape)}, predicted "
-                         f"{tuple(pred_w2c.shape)} and true {tuple(gt_w2c.shape)} poses disagree on (B, F)")
-    mask = keyframe_mask.to(pred_w2c.dtype)
-    if gt_K.dim() == 3:
-        gt_K = gt_K[:, None].expand(-1, gt_w2c.shape[1], 3, 3)
-    pred_w2c = geometry.invert_pose(keyframe_relative_c2w(pred_w2c, mask))
-    gt_w2c = geometry.invert_pose(keyframe_relative_c2w(gt_w2c, mask))
-    pred = geometry.extri_intri_to_pose_encoding(pred_w2c, pred_K, image_size_hw)  # (B, F, 9)
-    gt = geometry.extri_intri_to_pose_encoding(gt_w2c, gt_K, image_size_hw)
-    q_pred, q_gt = pred[..., 3:7], gt[..., 3:7]
-    q_pred = torch.where((q_pred * q_gt).sum(-1, keepdim=True) < 0, -q_pred, q_pred)
-    error = ((pred[..., :3] - gt[..., :3]).abs().sum(-1) + (q_pred - q_gt).abs().sum(-1)
-             + (pred[..., 7:] - gt[..., 7:]).abs().sum(-1))  # (B, F)
-    weight = mask.clone()
-    weight[:, 0] = 0
-    return (error * weight).sum(-1) / weight.sum(-1).clamp(min=1)
-
-
-def span_pairs(num_frames, spans, gamma=GEO_GAMMA):
-    """The pairs (f, f + k), k in spans (those < num_frames), and their weights, as tensors of length P:
-    first, second (frame indices), following (index of the pair (f + k, f + 2k), or -1 if it does not exist),
-    depth_weight = lambda(k) exp(gamma k) / (pairs of span k), smooth_weight = lambda(k) exp(gamma k) /
-    (pairs of span k that have a following pair), 0 for those that do not.
-    lambda(k) = k / sum_{k' in spans} k': the span selector favours long spans (they anchor frames far apart
-    and stop drift), normalised so the weights of a clip's spans sum to 1 whatever the clip length."""
-    usable = sorted({int(k) for k in spans if 0 < int(k) < num_frames})
-    if not usable:
-        raise ValueError(f"no usable span in {tuple(spans)} for clips of {num_frames} frames (need 0 < k < F)")
-    first, span = [], []
-    for k in usable:
-        first += list(range(num_frames - k))
-        span += [k] * (num_frames - k)
-    index = {(f, k): i for i, (f, k) in enumerate(zip(first, span))}
-    following = [index.get((f + k, k), -1) for f, k in zip(first, span)]
-    depth_weight, smooth_weight = [], []
-    for k, nxt in zip(span, following):
-        span_weight = k / sum(usable) * math.exp(gamma * k)
-        depth_weight.append(span_weight / (num_frames - k))
-        with_following = max(0, num_frames - 2 * k)
-        smooth_weight.append(span_weight / with_following if nxt >= 0 else 0.0)
-    first = torch.tensor(first)
-    return (first, first + torch.tensor(span), torch.tensor(following),
-            torch.tensor(depth_weight, dtype=torch.float64), torch.tensor(smooth_weight, dtype=torch.float64))
-
-
-def image_gradient_l1(frames):
-    """|grad I|_1 per pixel: mean over channels of |I(x+1) - I(x)| + |I(y+1) - I(y)| (zero past the
-    last row / column). frames (..., C, H, W) -> (..., H, W)."""
-    dx = torch.nn.functional.pad((frames[..., :, 1:] - frames[..., :, :-1]).abs(), (0, 1))
-    dy = torch.nn.functional.pad((frames[..., 1:, :] - frames[..., :-1, :]).abs(), (0, 0, 0, 1))
-    return (dx + dy).mean(dim=-3)
-
-
-def geometry_loss(depth, w2c, K, frames, spans=GEO_SPANS, gamma=GEO_GAMMA, eta=GEO_ETA,
-                  scale_mode=GEO_SCALE_MODE, smoothness_weight=GEO_SMOOTHNESS_WEIGHT):
-    """Cross-frame consistency distillation for all pairs of a batch at once, per clip (B,):
-
-        L_geo = sum_{f,k} lambda(k) w_{f,f+k} ( |D_hat_{f+k} - W(D_hat_f, dE_{f,f+k}, K_hat)|_1
-                                               + |Delta(C_hat_{f+k}, C_hat_f)|_1 )
-        w_{f,f+k} = exp(gamma k) exp(-eta |grad I_f|_1),   lambda(k) = k / sum_{k' in spans} k'.
-
-    depth (B, F, H, W), w2c (B, F, 3|4, 4), K (B, F, 3, 3): the teacher's depth and cameras of the predicted
-    video frames (B, F, 3, H, W) in [0, 1]. Returns (L_geo, depth term, smoothness term), each (B,).
-
-    Depth term, per pair: W unprojects frame f's pixels with D_hat_f and K_f, moves them by
-    dE = w2c_{f+k} c2w_f and projects with K_{f+k}, giving uv and the warped depth z; D_hat_{f+k} is sampled
-    bilinearly at uv, aligned in scale to z (scale_mode: "lstsq" or "median"), and the residual is divided
-    by median(z): r = |s D'_{f+k} - z| / median(z), scale-free like geometry.depth_consistency_residual
-    (which this equals for a shared K and w = 1). Per pair: sum of w r over valid pixels / number of valid
-    pixels; pairs are averaged within a span, then summed over spans with lambda(k) exp(gamma k).
-    The edge weight exp(-eta |grad I_f|_1) is detached: otherwise the network could lower the loss by
-    painting edges where the depths disagree.
-
-    Smoothness term, our reading: |Delta(C_{f+k}, C_f)|_1 taken literally is the size of the relative
-    motion and would fight every camera move the student is asked for. We penalise its *change* instead
-    (second order): |dE_{f+k,f+2k} - dE_{f,f+k}|_1 over the 3x4 [R|t] entries, with translations divided by
-    the trajectory's largest camera-centre norm (the teacher's scale is its own). A constant-velocity
-    camera (in its own frame) costs nothing. Weighted by lambda(k) exp(gamma k), averaged within a span.
-
-    One function with no Python loop over pairs (index tensors gather all pairs at once), so that
-    torch.compile can fuse it; train.py compiles it.
-    """
-    if scale_mode not in ("lstsq", "median"):
-        raise ValueError(f"scale_mode must be 'lstsq' or 'median', got {scale_mode!r}")
-    B, num_frames, H, W = depth.shape
-    first, second, following, depth_weight, smooth_weight = (
-        x.to(depth.device) for x in span_pairs(num_frames, spans, gamma))
-    depth_weight, smooth_weight = depth_weight.to(depth.dtype), smooth_weight.to(depth.dtype)
-    num_pairs = first.shape[0]
-    w2c = geometry.to_homogeneous(w2c)  # (B, F, 4, 4)
-    c2w = geometry.invert_pose(w2c)
-
-    # depth term: every pair of every clip as one batch of N = B * P warps
-    relative = w2c[:, second] @ c2w[:, first]  # (B, P, 4, 4) camera f -> camera f + k
-    # W(D_f)(u) = K_{f+k} (R D_f(u) K_f^-1 [u, 1] + t): compose the per-pair part once, (B, P, 3, 4)
-    # [K_{f+k} R K_f^-1 | K_{f+k} t], then each pixel costs 12 multiply-adds on (N, H, W) planes, a layout
-    # that vectorises along image rows (a trailing xyz dim of size 3 does not). Equals geometry.project_depth.
-    pixel_map = K[:, second] @ torch.cat([relative[..., :3, :3] @ torch.linalg.inv(K[:, first]),
-                                         relative[..., :3, 3:]], dim=-1)
-    pixel_map = pixel_map.flatten(0, 1)[:, :, :, None, None]  # (N, 3, 4, 1, 1)
-    u, v = geometry.pixel_centers(H, W, dtype=depth.dtype, device=depth.device).unbind(-1)  # (H, W) each
-    # pairs of one span are two slices of the clip; slices (not an index gather) keep the backward a plain add
-    usable_spans = sorted({int(k) for k in spans if 0 < int(k) < num_frames})
-    depth_a = torch.cat([depth[:, :num_frames - k] for k in usable_spans], dim=1).flatten(0, 1)  # (N, H, W)
-    depth_b = torch.cat([depth[:, k:] for k in usable_spans], dim=1).flatten(0, 1)
-    x, y, z = (depth_a * (row[:, 0] * u + row[:, 1] * v + row[:, 2]) + row[:, 3] for row in pixel_map.unbind(1))
-    z_safe = torch.where(z > geometry.DEPTH_EPS, z, torch.full_like(z, geometry.DEPTH_EPS))
-    uv = torch.stack([x / z_safe, y / z_safe], dim=-1)  # (N, H, W, 2) pixels of frame f + k
-    sampled_b = geometry.sample_at(depth_b[:, None], uv)[:, 0]  # (N, H, W)
-    valid = (geometry.in_view(uv, H, W, geometry.CONSISTENCY_VIEW_MARGIN) & (z > geometry.DEPTH_EPS)
-             & (depth_a > geometry.DEPTH_EPS) & (sampled_b > geometry.DEPTH_EPS) & torch.isfinite(z)
-             & torch.isfinite(sampled_b))
-    scale = geometry.align_depth_scale(sampled_b, z, valid, scale_mode)  # (N,)
-    z_median = geometry._masked_median(z, valid)
-    usable = torch.isfinite(z_median) & (z_median > geometry.DEPTH_EPS)
-    z_median = torch.where(usable, z_median, torch.ones_like(z_median))
-    residual = (scale[:, None, None] * sampled_b - z).abs() / z_median[:, None, None]
-    edge_weight = torch.exp(-eta * image_gradient_l1(frames.detach()))  # (B, F, H, W)
-    edge_weight = torch.cat([edge_weight[:, :num_frames - k] for k in usable_spans], dim=1).flatten(0, 1)
-    weighted = torch.where(valid, edge_weight * residual, torch.zeros_like(residual))
-    per_pair = weighted.flatten(1).sum(-1) / valid.flatten(1).sum(-1).clamp(min=1)  # (N,)
-    depth_term = (per_pair.view(B, num_pairs) * depth_weight).sum(-1)  # (B,)
-
-    # smoothness term: change of relative motion between consecutive pairs of the same span
-    centres = geometry.relative_to_first(c2w)[..., :3, 3]
-    motion_scale = centres.norm(dim=-1).amax(dim=-1).clamp_min(1e-3)  # (B,)
-    motion = torch.cat([relative[..., :3, :3], relative[..., :3, 3:] / motion_scale[:, None, None, None]], -1)
-    change = (motion[:, following.clamp(min=0)] - motion).abs().flatten(2).sum(-1)  # (B, P)
-    smooth_term = (change * smooth_weight).sum(-1)  # (B,)
-    return depth_term + smoothness_weight * smooth_term, depth_term, smooth_term
-
-
-def curriculum_weights(step, total_steps, schedule="sigmoid", warmup=True, warmup_fraction=CURRICULUM_WARMUP,
-                       alpha_mid=CURRICULUM_ALPHA_MID, beta_mid=CURRICULUM_BETA_MID, width=CURRICULUM_WIDTH):
-    """Coarse-to-fine curriculum -> (alpha, beta) python floats for
-
-        L_total = L_diff + alpha(step) [(1 - beta(step)) L_traj + beta(step) L_geo]
-
-    alpha(s) = sigma((s / N - alpha_mid) / width) when geometry switches on, beta(s) = sigma((s / N - beta_mid)
-    / width) the move from trajectory to depth (N = total_steps, sigma the logistic sigmoid).
-    Phase 1 (warm-up, s < warmup_fraction N): alpha = 0 exactly, diffusion only. Phase 2 (alpha up, beta
-    low): the trajectory. Phase 3 (beta up): cross-frame depth consistency.
-    schedule="linear": the same midpoints and the same slope at the midpoint (1 / (4 width)), clipped to
-    [0, 1]: clamp(0.5 + (s / N - mid) / (4 width), 0, 1) (the paper's linear-vs-sigmoid ablation).
-    warmup=False: alpha = 1 from the first step (the "w/o warm-up" ablation); beta is unchanged.
-    """
-    if schedule not in ("sigmoid", "linear"):
-        raise ValueError(f"curriculum schedule must be 'sigmoid' or 'linear', got {schedule!r}")
-    if total_steps < 1 or width <= 0:
-        raise ValueError(f"need total_steps >= 1 and width > 0, got {total_steps} and {width}")
-    progress = step / total_steps
-
-    def ramp(mid):
-        x = (progress - mid) / width
-        if schedule == "linear":
-            return min(1.0, max(0.0, 0.5 + x / 4))
-        return 1 / (1 + math.exp(-x))
-
-    if not warmup:
-        alpha = 1.0
-    elif progress < warmup_fraction:
-        alpha = 0.0
-    else:
-        alpha = ramp(alpha_mid)
-    return alpha, ramp(beta_mid)
-
-
-def total_loss(loss_diff, loss_traj, loss_geo, alpha, beta, geo_gate="beta"):
-    """L_total = L_diff + alpha [(1 - beta) L_traj + beta L_geo]   (geo_gate="beta", the default: L_geo waits
-    for phase 3 as the paper's phases describe), or the printed L_diff + alpha [(1 - beta) L_traj + L_geo]
-    (geo_gate="printed", L_geo on as soon as alpha is)."""
-    if geo_gate not in ("beta", "printed"):
-        raise ValueError(f"geo_gate must be 'beta' or 'printed', got {geo_gate!r}")
-    geo_factor = beta if geo_gate == "beta" else 1.0
-    return loss_diff + alpha * ((1 - beta) * loss_traj + geo_factor * loss_geo)
 
 
 # -----------------------------------------------------------------------------

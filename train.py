@@ -58,6 +58,7 @@ from tqdm import tqdm
 
 import camgeo
 import data
+import distill
 import teacher
 
 METHODS = ("camgeo", "sparse", "full", "linear", "slerp")
@@ -99,27 +100,39 @@ def parse_args(argv=None):
                         help="write CKPT's EMA weights alone, in float16, to DEST and exit "
                              "(how assets/student.safetensors is made)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    distill = parser.add_argument_group("CamGeo distillation (--method camgeo; see camgeo.py for each choice)")
-    distill.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher checkpoint (teacher.load_vggt)")
-    distill.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+    distillation = parser.add_argument_group("CamGeo distillation (--method camgeo; see camgeo.py for each choice)")
+    distillation.add_argument("--teacher", default=DEFAULT_TEACHER, help="teacher checkpoint (teacher.load_vggt)")
+    distillation.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                          help="torch.compile the fused L_geo (falls back to eager with a note if it cannot)")
-    distill.add_argument("--teacher-t-max", type=float, default=camgeo.TEACHER_T_MAX,
+    distillation.add_argument("--teacher-cameras", choices=teacher.CAMERA_SOURCES,
+                         help="the teacher's cameras: its camera head, or aligned through its depth (default: "
+                              "aligned for a teacher trained here, head for the released VGGT)")
+    distillation.add_argument("--distill-target", choices=("teacher", "truth"), default=distill.DISTILL_TARGET,
+                         help="compare the teacher's reading of the predicted video with its reading of the real "
+                              "clip (zero at the data), or with the true keyframe poses (the paper's form)")
+    distillation.add_argument("--traj-weight", type=float, default=distill.TRAJ_WEIGHT, help="weight of L_traj")
+    distillation.add_argument("--geo-weight", type=float, default=distill.GEO_WEIGHT, help="weight of L_geo")
+    distillation.add_argument("--traj-intrinsics", action="store_true",
+                         help="include the field-of-view term |K_hat - K| in L_traj")
+    distillation.add_argument("--teacher-gate", choices=("linear", "flat"), default=distill.TEACHER_GATE,
+                         help="weight of a clip by its noise level below --teacher-t-max")
+    distillation.add_argument("--teacher-t-max", type=float, default=distill.TEACHER_T_MAX,
                          help="the teacher gate: clips noisier than this are not distilled")
-    distill.add_argument("--teacher-fraction", type=float, default=camgeo.TEACHER_BATCH_FRACTION,
+    distillation.add_argument("--teacher-fraction", type=float, default=distill.TEACHER_BATCH_FRACTION,
                          help="at most this fraction of each batch goes through the teacher")
-    distill.add_argument("--schedule", choices=("sigmoid", "linear"), default="sigmoid")
-    distill.add_argument("--no-warmup", dest="warmup", action="store_false",
+    distillation.add_argument("--schedule", choices=("sigmoid", "linear"), default="sigmoid")
+    distillation.add_argument("--no-warmup", dest="warmup", action="store_false",
                          help="alpha = 1 from the first step (ablation)")
-    distill.add_argument("--warmup-fraction", type=float, default=camgeo.CURRICULUM_WARMUP)
-    distill.add_argument("--alpha-mid", type=float, default=camgeo.CURRICULUM_ALPHA_MID)
-    distill.add_argument("--beta-mid", type=float, default=camgeo.CURRICULUM_BETA_MID)
-    distill.add_argument("--schedule-width", type=float, default=camgeo.CURRICULUM_WIDTH)
-    distill.add_argument("--geo-gate", choices=("beta", "printed"), default="beta",
+    distillation.add_argument("--warmup-fraction", type=float, default=distill.CURRICULUM_WARMUP)
+    distillation.add_argument("--alpha-mid", type=float, default=distill.CURRICULUM_ALPHA_MID)
+    distillation.add_argument("--beta-mid", type=float, default=distill.CURRICULUM_BETA_MID)
+    distillation.add_argument("--schedule-width", type=float, default=distill.CURRICULUM_WIDTH)
+    distillation.add_argument("--geo-gate", choices=("beta", "printed"), default="beta",
                          help="L_geo weighted by alpha*beta (phases as described) or by alpha (printed equation)")
-    distill.add_argument("--spans", type=int, nargs="+", default=list(camgeo.GEO_SPANS))
-    distill.add_argument("--gamma", type=float, default=camgeo.GEO_GAMMA)
-    distill.add_argument("--eta", type=float, default=camgeo.GEO_ETA)
-    distill.add_argument("--smoothness-weight", type=float, default=camgeo.GEO_SMOOTHNESS_WEIGHT,
+    distillation.add_argument("--spans", type=int, nargs="+", default=list(distill.GEO_SPANS))
+    distillation.add_argument("--gamma", type=float, default=distill.GEO_GAMMA)
+    distillation.add_argument("--eta", type=float, default=distill.GEO_ETA)
+    distillation.add_argument("--smoothness-weight", type=float, default=distill.GEO_SMOOTHNESS_WEIGHT,
                          help="0: the w/o smoothness ablation")
     # hidden, for tests: a NaN loss at step N; stop right after step N as if killed (a checkpoint is written)
     parser.add_argument("--debug-nan-at-step", type=int, default=None, help=argparse.SUPPRESS)
@@ -132,6 +145,9 @@ def parse_args(argv=None):
         parser.error(f"--sparse must be in (0, 1], got {args.sparse}")
     if not 0.0 < args.teacher_t_max <= 1.0 or not 0.0 < args.teacher_fraction <= 1.0:
         parser.error("--teacher-t-max and --teacher-fraction must be in (0, 1]")
+    if args.method == "camgeo" and args.distill_target == "truth" and args.data:
+        parser.error("--distill-target truth measures translations in units of the true scene depth, which a "
+                     "RealEstate10K folder does not have; use --distill-target teacher")
     args.out = args.out or os.path.join("out", args.method)
     return args
 
@@ -141,10 +157,11 @@ def parse_args(argv=None):
 
 
 def collate(items):
-    return {"video": torch.stack([item["video"] for item in items]),
-            "w2c": torch.stack([item["w2c"] for item in items]),
-            "K": torch.stack([item["K"] for item in items]),
-            "prompt": [item["prompt"] for item in items]}
+    """Stack clips; depth comes along where the data has it (the synthetic world does, RealEstate10K not)."""
+    batch = {key: torch.stack([item[key] for item in items]) for key in ("video", "w2c", "K")}
+    if all("depth" in item for item in items):
+        batch["depth"] = torch.stack([item["depth"] for item in items])
+    return batch | {"prompt": [item["prompt"] for item in items]}
 
 
 def make_dataset(args, config):
@@ -235,9 +252,10 @@ def export_ema(checkpoint, destination, dtype=torch.float16):
     atomic_write(destination, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-DISTILLATION_OPTIONS = ("teacher", "teacher_t_max", "teacher_fraction", "schedule", "warmup", "warmup_fraction",
-                        "alpha_mid", "beta_mid", "schedule_width", "geo_gate", "spans", "gamma", "eta",
-                        "smoothness_weight")
+DISTILLATION_OPTIONS = ("teacher", "teacher_cameras", "distill_target", "traj_weight", "geo_weight",
+                        "traj_intrinsics", "teacher_gate", "teacher_t_max", "teacher_fraction", "schedule", "warmup",
+                        "warmup_fraction", "alpha_mid", "beta_mid", "schedule_width", "geo_gate", "spans", "gamma",
+                        "eta", "smoothness_weight")
 
 
 def save_checkpoint(out_dir, model, ema, optimizer, config, args, step, rng_states):
@@ -345,75 +363,47 @@ def load_teacher(path, device):
 
 
 def make_geometry_loss(use_compile):
-    """camgeo.geometry_loss, compiled with torch.compile when asked. Compilation happens at the first call; if it
+    """distill.geometry_loss, compiled with torch.compile when asked. Compilation happens at the first call; if it
     fails there (no C compiler, an unsupported device), that call and all later ones run eagerly, with a note."""
     if not use_compile:
-        return camgeo.geometry_loss
-    current = {"fn": torch.compile(camgeo.geometry_loss)}
+        return distill.geometry_loss
+    current = {"fn": torch.compile(distill.geometry_loss)}
 
     def geometry_loss(*args, **kwargs):
         try:
             return current["fn"](*args, **kwargs)
         except Exception as error:
-            if current["fn"] is camgeo.geometry_loss:
+            if current["fn"] is distill.geometry_loss:
                 raise
             print(f"note: torch.compile of geometry_loss failed ({type(error).__name__}: "
                   f"{str(error).splitlines()[0][:120] if str(error) else ''}); running it eagerly")
-            current["fn"] = camgeo.geometry_loss
+            current["fn"] = distill.geometry_loss
             return current["fn"](*args, **kwargs)
 
     return geometry_loss
 
 
-def distillation_losses(teacher_model, geometry_loss, out, w2c, K, keyframe_mask, args):
-    """The teacher's view of the predicted video -> {loss_traj, loss_geo, loss_geo_depth, loss_geo_smooth}
-    (scalars: per-clip losses weighted by the teacher gate and averaged over the clips shown) and teacher_clips.
-
-    Clips pass the gate by their flow time (camgeo.teacher_weight), at most --teacher-fraction of the batch
-    (camgeo.select_teacher_clips). The teacher sees x0_hat clamped to [0, 1] (it was trained on images; the clamp
-    passes no gradient where a pixel is out of range) and resizes it to its own patch multiple
-    (teacher.teacher_geometry); its parameters are frozen, the gradient flows through it to x0_hat.
-    """
-    weights = camgeo.teacher_weight(out["t"], args.teacher_t_max)  # (B,)
-    chosen = camgeo.select_teacher_clips(weights, args.teacher_fraction)
-    zero = out["loss"].new_zeros(())
-    terms = {"loss_traj": zero, "loss_geo": zero, "loss_geo_depth": zero, "loss_geo_smooth": zero,
-             "teacher_clips": chosen.numel()}
-    if chosen.numel() == 0:
-        return terms
-    frames = out["x0_pred"][chosen].clamp(0, 1)  # (n, F, 3, H, W)
-    seen = teacher.teacher_geometry(teacher_model, frames)
-    seen_w2c, seen_K = camgeo.teacher_cameras(seen["pose_enc"], frames.shape[-2:])  # FoV kept in a sane range
-    traj = camgeo.trajectory_loss(seen_w2c, seen_K, w2c[chosen], K[chosen], keyframe_mask[chosen], frames.shape[-2:])
-    geo, geo_depth, geo_smooth = geometry_loss(seen["depth"], seen_w2c, seen_K, frames,
-                                               spans=tuple(args.spans), gamma=args.gamma, eta=args.eta,
-                                               smoothness_weight=args.smoothness_weight)
-    gate = weights[chosen]
-    terms.update({name: (gate * value).mean() for name, value in
-                  (("loss_traj", traj), ("loss_geo", geo), ("loss_geo_depth", geo_depth),
-                   ("loss_geo_smooth", geo_smooth))})
-    return terms
-
-
 def step_losses(args, model, teacher_model, geometry_loss, batch, step, generator, config, device):
     """One step's loss -> (loss to minimise, dict of the terms: loss_diff and, for camgeo, alpha, beta, loss_traj,
     loss_geo (= loss_geo_depth + smoothness weight * loss_geo_smooth), teacher_clips)."""
-    video, w2c, K = batch["video"].to(device), batch["w2c"].to(device), batch["K"].to(device)
-    camera, keyframe_mask, _ = camgeo.camera_inputs(w2c, K, args.method, args.sparse, args.random_keyframes,
-                                                    generator, config.image_size, config.image_size)
-    out = camgeo.training_losses(model, video, batch["prompt"], camera, generator)
+    batch = {key: (value.to(device) if torch.is_tensor(value) else value) for key, value in batch.items()}
+    camera, keyframe_mask, _ = camgeo.camera_inputs(batch["w2c"], batch["K"], args.method, args.sparse,
+                                                    args.random_keyframes, generator, config.image_size,
+                                                    config.image_size)
+    out = camgeo.training_losses(model, batch["video"], batch["prompt"], camera, generator)
     terms = {"loss_diff": out["loss"]}
     if args.method != "camgeo":
         return out["loss"], terms
-    alpha, beta = camgeo.curriculum_weights(step, args.steps, args.schedule, args.warmup, args.warmup_fraction,
+    alpha, beta = distill.curriculum_weights(step, args.steps, args.schedule, args.warmup, args.warmup_fraction,
                                             args.alpha_mid, args.beta_mid, args.schedule_width)
     terms.update(alpha=alpha, beta=beta)
     if alpha > 0:  # phase 1 (warm-up) never runs the teacher
-        terms.update(distillation_losses(teacher_model, geometry_loss, out, w2c, K, keyframe_mask, args))
+        terms.update(distill.distillation_losses(teacher_model, geometry_loss, out, batch, keyframe_mask, args))
     else:
         terms.update({name: out["loss"].new_zeros(()) for name in
                       ("loss_traj", "loss_geo", "loss_geo_depth", "loss_geo_smooth")}, teacher_clips=0)
-    loss = camgeo.total_loss(out["loss"], terms["loss_traj"], terms["loss_geo"], alpha, beta, args.geo_gate)
+    loss = distill.total_loss(out["loss"], terms["loss_traj"], terms["loss_geo"], alpha, beta, args.geo_gate,
+                             args.traj_weight, args.geo_weight)
     return loss, terms
 
 

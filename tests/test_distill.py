@@ -1,11 +1,11 @@
-"""The CamGeo distillation (camgeo.py): teacher gate, L_traj, the fused L_geo (eager and compiled), curriculum."""
+"""The CamGeo distillation (distill.py): teacher gate, L_traj, the batched L_geo (eager and compiled), curriculum."""
 import math
 
 import pytest
 import torch
 
-import camgeo
 import data
+import distill
 import geometry
 
 H = W = 16
@@ -48,37 +48,51 @@ def keyframes(batch, num_frames, index):
 
 def test_teacher_weight_is_one_when_clean_and_zero_from_t_max_on():
     t = torch.tensor([0.0, 0.25, 0.5, 0.9])
-    assert torch.allclose(camgeo.teacher_weight(t, t_max=0.5), torch.tensor([1.0, 0.5, 0.0, 0.0]))
+    assert torch.allclose(distill.teacher_weight(t, t_max=0.5), torch.tensor([1.0, 0.5, 0.0, 0.0]))
 
 
 def test_teacher_weight_never_increases_with_noise():
-    weights = camgeo.teacher_weight(torch.linspace(0, 1, 101))
+    weights = distill.teacher_weight(torch.linspace(0, 1, 101))
     assert torch.all(weights[1:] <= weights[:-1])
 
 
 def test_select_teacher_clips_takes_only_open_clips_and_at_most_the_fraction():
     weights = torch.tensor([0.0, 0.3, 0.0, 0.9, 0.1, 0.2, 0.0, 0.5])
-    chosen = camgeo.select_teacher_clips(weights, fraction=0.25)
+    chosen = distill.select_teacher_clips(weights, fraction=0.25)
     assert chosen.tolist() == [1, 3]
-    assert camgeo.select_teacher_clips(torch.zeros(8), fraction=1.0).numel() == 0
+    assert distill.select_teacher_clips(torch.zeros(8), fraction=1.0).numel() == 0
 
 
 def test_teacher_weight_rejects_bad_t_max():
     with pytest.raises(ValueError, match="t_max"):
-        camgeo.teacher_weight(torch.rand(3), t_max=0.0)
+        distill.teacher_weight(torch.rand(3), t_max=0.0)
 
 
-def test_teacher_cameras_keep_a_zero_field_of_view_at_a_finite_focal_length():
-    pose_enc = torch.zeros(1, 2, 9)
-    pose_enc[..., 6] = 1  # identity rotation; both fields of view 0, the ReLU floor of the camera head
-    w2c, K = camgeo.teacher_cameras(pose_enc, (H, W))
-    low = math.radians(camgeo.TEACHER_FOV_RANGE_DEG[0])
-    assert torch.isfinite(K).all() and torch.allclose(K[..., 0, 0], torch.full((1, 2), W / 2 / math.tan(low / 2)))
-    assert torch.allclose(w2c[..., :3], torch.eye(3).expand(1, 2, 3, 3))
+def test_flat_gate_gives_full_weight_below_t_max_and_none_above():
+    t = torch.tensor([0.0, 0.3, 0.69, 0.7, 0.9])
+    assert torch.equal(distill.teacher_weight(t, t_max=0.7, shape="flat"), torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0]))
+
+
+def test_teacher_frames_clamp_the_values_but_pass_the_gradient_where_pixels_saturate():
+    x = torch.tensor([-0.2, 0.5, 1.3], requires_grad=True)
+    frames = distill.teacher_frames(x)
+    assert torch.equal(frames.detach(), torch.tensor([0.0, 0.5, 1.0]))
+    frames.sum().backward()
+    assert torch.equal(x.grad, torch.ones(3))
 
 
 # -----------------------------------------------------------------------------
 # L_traj
+
+ONE = torch.ones(1, dtype=torch.float64)
+
+
+def trajectory_loss(pred, K_pred, target, K_target, mask, pred_scale=None, target_scale=None, **options):
+    batch = target.shape[0]
+    scale = torch.ones(batch, dtype=torch.float64)
+    return distill.trajectory_loss(pred, K_pred, target, K_target, mask, (H, W),
+                                  scale if pred_scale is None else pred_scale,
+                                  scale if target_scale is None else target_scale, **options)
 
 
 def test_trajectory_loss_is_zero_for_the_same_cameras_in_another_world_frame_and_scale():
@@ -88,9 +102,32 @@ def test_trajectory_loss_is_zero_for_the_same_cameras_in_another_world_frame_and
     teacher = gt @ world
     teacher = torch.cat([teacher[..., :3, :3], 3.0 * teacher[..., :3, 3:]], dim=-1)
     K = intrinsics(2, 6)
-    loss = camgeo.trajectory_loss(teacher, K, gt, K[:, 0], keyframes(2, 6, [0, 2, 5]), (H, W))
+    loss = trajectory_loss(teacher, K, gt, K[:, 0], keyframes(2, 6, [0, 2, 5]), pred_scale=3 * ONE.expand(2))
     assert loss.shape == (2,)
     assert torch.allclose(loss, torch.zeros(2, dtype=torch.float64), atol=1e-9)
+
+
+def test_trajectory_loss_measures_translations_in_units_of_the_scene_scale():
+    gt = smooth_trajectory(4)
+    moved = gt.clone()
+    moved[0, 2, :3, 3] += torch.tensor([0.4, 0.0, 0.0], dtype=torch.float64)  # keyframe 2's centre moves 0.4
+    K = intrinsics(1, 4)
+    near = trajectory_loss(moved, K, gt, K[:, 0], keyframes(1, 4, [0, 2]))
+    far = trajectory_loss(moved, K, gt, K[:, 0], keyframes(1, 4, [0, 2]), 4 * ONE, 4 * ONE)
+    assert torch.allclose(near, 4 * far)  # the same displacement is 4x smaller against a scene 4x farther away
+
+
+def test_trajectory_loss_stays_small_and_bounded_on_a_pan_with_hand_shake():
+    """A pan moves the camera centre by millimetres: jitter in another direction must not become unit-length."""
+    yaw = [rotation_about([0.0, 1.0, 0.0], 0.05 * f) for f in range(5)]
+    gt = torch.stack([pose(R, [0.0, 0.0, 0.0]) for R in yaw])[None]
+    shaken = torch.stack([pose(R, 1e-3 * torch.randn(3, dtype=torch.float64, generator=torch.Generator()
+                                                         .manual_seed(f))) for f, R in enumerate(yaw)])[None]
+    K = intrinsics(1, 5)
+    scene = 3.0 * ONE  # metres to the scene
+    loss = trajectory_loss(shaken, K, gt, K[:, 0], keyframes(1, 5, [0, 2, 4]), scene, scene)
+    assert torch.isfinite(loss).all() and loss.item() < 0.01
+    assert trajectory_loss(gt, K, gt, K[:, 0], keyframes(1, 5, [0, 2, 4]), scene, scene).item() == 0
 
 
 def test_trajectory_loss_ignores_frames_without_a_pose():
@@ -98,7 +135,7 @@ def test_trajectory_loss_ignores_frames_without_a_pose():
     K = intrinsics(1, 6)
     teacher = gt.clone()
     teacher[:, 3] = smooth_trajectory(6, seed=5)[:, 3]  # frame 3 is not a keyframe
-    loss = camgeo.trajectory_loss(teacher, K, gt, K[:, 0], keyframes(1, 6, [0, 2, 5]), (H, W))
+    loss = trajectory_loss(teacher, K, gt, K[:, 0], keyframes(1, 6, [0, 2, 5]))
     assert torch.allclose(loss, torch.zeros(1, dtype=torch.float64), atol=1e-9)
 
 
@@ -111,9 +148,9 @@ def test_trajectory_loss_of_a_rotated_keyframe_is_the_quaternion_l1():
     # w2c translation after the rotation: same camera centre (-R^T t), so only the rotation and t differ
     teacher[0, 1, :3, 3] = -(teacher[0, 1, :3, :3] @ torch.tensor([-1.0, 0, 0], dtype=torch.float64))
     K = intrinsics(1, 2)
-    loss = camgeo.trajectory_loss(teacher, K, gt, K[:, 0], keyframes(1, 2, [0, 1]), (H, W))
+    loss = trajectory_loss(teacher, K, gt, K[:, 0], keyframes(1, 2, [0, 1]))
     quat_l1 = math.sin(angle / 2) + 1 - math.cos(angle / 2)
-    t_l1 = (teacher[0, 1, :3, 3] - gt[0, 1, :3, 3]).abs().sum()  # unit centre distance: scale 1
+    t_l1 = (teacher[0, 1, :3, 3] - gt[0, 1, :3, 3]).abs().sum()  # scene scale 1
     assert torch.allclose(loss, (quat_l1 + t_l1)[None], atol=1e-9)
 
 
@@ -124,31 +161,32 @@ def test_trajectory_loss_treats_q_and_minus_q_as_the_same_rotation_near_180_degr
     teacher = gt.clone()
     teacher[0, 1, :3, :3] = rotation_about([1.0, 0.0, 0.0], math.pi + eps)  # standardises to the other sign
     K = intrinsics(1, 2)
-    loss = camgeo.trajectory_loss(teacher, K, gt, K[:, 0], keyframes(1, 2, [0, 1]), (H, W))
+    loss = trajectory_loss(teacher, K, gt, K[:, 0], keyframes(1, 2, [0, 1]))
     # rotations 2 eps apart: the aligned quaternions differ only in w, by 2 sin(eps / 2)
     assert torch.allclose(loss, torch.tensor([2 * math.sin(eps / 2)], dtype=torch.float64), atol=1e-9)
 
 
-def test_trajectory_loss_of_a_wrong_focal_length_is_the_field_of_view_l1():
+def test_field_of_view_term_is_the_fov_l1_and_only_on_request():
     gt = smooth_trajectory(3)
     K_true, K_teacher = intrinsics(1, 3, focal=14.0), intrinsics(1, 3, focal=10.0)
-    loss = camgeo.trajectory_loss(gt, K_teacher, gt, K_true[:, 0], keyframes(1, 3, [0, 2]), (H, W))
+    with_fov = trajectory_loss(gt, K_teacher, gt, K_true[:, 0], keyframes(1, 3, [0, 2]), use_intrinsics=True)
     fov_error = 2 * (2 * math.atan(W / 2 / 10.0) - 2 * math.atan(W / 2 / 14.0))  # fov_h and fov_w
-    assert torch.allclose(loss, torch.tensor([fov_error], dtype=torch.float64), atol=1e-9)
+    assert torch.allclose(with_fov, torch.tensor([fov_error], dtype=torch.float64), atol=1e-9)
+    assert trajectory_loss(gt, K_teacher, gt, K_true[:, 0], keyframes(1, 3, [0, 2])).item() == 0
 
 
 def test_trajectory_loss_sends_gradients_to_the_teacher_cameras():
     gt = smooth_trajectory(4)
     teacher = smooth_trajectory(4, seed=1).requires_grad_()
     K = intrinsics(1, 4).requires_grad_()
-    camgeo.trajectory_loss(teacher, K, gt, K[:, 0].detach(), keyframes(1, 4, [0, 3]), (H, W)).sum().backward()
+    trajectory_loss(teacher, K, gt, K[:, 0].detach(), keyframes(1, 4, [0, 3])).sum().backward()
     assert teacher.grad.abs().sum() > 0 and torch.isfinite(teacher.grad).all()
 
 
 def test_trajectory_loss_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="keyframe_mask"):
-        camgeo.trajectory_loss(smooth_trajectory(4), intrinsics(1, 4), smooth_trajectory(5), intrinsics(1, 5)[:, 0],
-                               keyframes(1, 5, [0, 4]), (H, W))
+        trajectory_loss(smooth_trajectory(4), intrinsics(1, 4), smooth_trajectory(5), intrinsics(1, 5)[:, 0],
+                        keyframes(1, 5, [0, 4]))
 
 
 # -----------------------------------------------------------------------------
@@ -185,7 +223,7 @@ def reference_depth_term(depth, w2c, K, spans, gamma, scale_mode):
 def test_fused_depth_term_equals_pairwise_depth_consistency_residual(scale_mode):
     depth, w2c, K, frames = clip_batch()
     depth = depth * (1 + 0.1 * torch.rand(depth.shape, generator=torch.Generator().manual_seed(0)))
-    _, depth_term, _ = camgeo.geometry_loss(depth, w2c, K, frames, spans=(1, 2, 4), gamma=0.2, eta=0.0,
+    _, depth_term, _ = distill.geometry_loss(depth, w2c, K, frames, spans=(1, 2, 4), gamma=0.2, eta=0.0,
                                             scale_mode=scale_mode)
     expected = reference_depth_term(depth, w2c, K, (1, 2, 4), 0.2, scale_mode)
     assert torch.allclose(depth_term, expected, rtol=1e-9, atol=1e-12)
@@ -193,16 +231,16 @@ def test_fused_depth_term_equals_pairwise_depth_consistency_residual(scale_mode)
 
 def test_depth_term_is_small_for_true_geometry_and_large_for_mismatched_frames():
     depth, w2c, K, frames = clip_batch()
-    _, consistent, _ = camgeo.geometry_loss(depth, w2c, K, frames)
-    _, shuffled, _ = camgeo.geometry_loss(depth.flip(1), w2c, K, frames)
+    _, consistent, _ = distill.geometry_loss(depth, w2c, K, frames)
+    _, shuffled, _ = distill.geometry_loss(depth.flip(1), w2c, K, frames)
     assert torch.all(consistent < 0.5 * shuffled)
 
 
 def test_depth_term_does_not_change_when_depth_and_translations_share_a_new_scale():
     depth, w2c, K, frames = clip_batch()
     scaled = torch.cat([w2c[..., :3, :3], 2.5 * w2c[..., :3, 3:]], dim=-1)
-    _, original, _ = camgeo.geometry_loss(depth, w2c, K, frames)
-    _, rescaled, _ = camgeo.geometry_loss(2.5 * depth, scaled, K, frames)
+    _, original, _ = distill.geometry_loss(depth, w2c, K, frames)
+    _, rescaled, _ = distill.geometry_loss(2.5 * depth, scaled, K, frames)
     assert torch.allclose(original, rescaled, rtol=1e-9)
 
 
@@ -210,8 +248,8 @@ def test_edge_weights_lower_the_depth_term_and_pass_no_gradient_to_the_frames():
     depth, w2c, K, frames = clip_batch()
     depth = depth * (1 + 0.1 * torch.rand(depth.shape, generator=torch.Generator().manual_seed(0)))
     depth, frames = depth.requires_grad_(), frames.clone().requires_grad_()
-    _, flat, _ = camgeo.geometry_loss(depth, w2c, K, frames, eta=0.0)
-    loss, edge_aware, _ = camgeo.geometry_loss(depth, w2c, K, frames, eta=5.0)
+    _, flat, _ = distill.geometry_loss(depth, w2c, K, frames, eta=0.0)
+    loss, edge_aware, _ = distill.geometry_loss(depth, w2c, K, frames, eta=5.0)
     assert torch.all(edge_aware < flat)
     loss.sum().backward()
     assert frames.grad is None or torch.count_nonzero(frames.grad) == 0
@@ -219,10 +257,10 @@ def test_edge_weights_lower_the_depth_term_and_pass_no_gradient_to_the_frames():
 
 def test_each_clip_loss_depends_only_on_its_own_clip():
     depth, w2c, K, frames = clip_batch()
-    loss, _, _ = camgeo.geometry_loss(depth, w2c, K, frames)
+    loss, _, _ = distill.geometry_loss(depth, w2c, K, frames)
     depth2 = depth.clone()
     depth2[1] = depth2[1].flip(0)
-    loss2, _, _ = camgeo.geometry_loss(depth2, w2c, K, frames)
+    loss2, _, _ = distill.geometry_loss(depth2, w2c, K, frames)
     assert loss2[0] == loss[0] and loss2[1] != loss[1]
 
 
@@ -238,22 +276,22 @@ def test_smoothness_is_zero_for_constant_velocity_and_positive_when_the_camera_a
     depth, _, K, frames = clip_batch(batch=1, num_frames=6)
     step = pose(rotation_about([0.0, 1.0, 0.0], 0.05), [0.1, 0.0, -0.05])
     steady = constant_velocity_trajectory(6, step)
-    _, _, smooth = camgeo.geometry_loss(depth, steady, K, frames)
+    _, _, smooth = distill.geometry_loss(depth, steady, K, frames)
     assert smooth.abs().max() < 1e-9  # the literal reading |Delta(C_{f+k}, C_f)| would be > 0 here
     jerky = steady.clone()
     jerky[0, 3] = pose(rotation_about([1.0, 0.0, 0.0], 0.1), [0.3, 0.0, 0.0]) @ jerky[0, 3]
-    _, _, smooth = camgeo.geometry_loss(depth, jerky, K, frames)
+    _, _, smooth = distill.geometry_loss(depth, jerky, K, frames)
     assert smooth.item() > 1e-3
 
 
 def test_smoothness_weight_zero_leaves_only_the_depth_term():
     depth, w2c, K, frames = clip_batch()
-    loss, depth_term, smooth = camgeo.geometry_loss(depth, w2c, K, frames, smoothness_weight=0.0)
+    loss, depth_term, smooth = distill.geometry_loss(depth, w2c, K, frames, smoothness_weight=0.0)
     assert torch.equal(loss, depth_term) and torch.all(smooth > 0)
 
 
 def test_span_weights_favour_longer_spans_and_drop_spans_longer_than_the_clip():
-    first, second, following, depth_weight, smooth_weight = camgeo.span_pairs(5, (1, 2, 4, 8), gamma=0.1)
+    first, second, following, depth_weight, smooth_weight = distill.span_pairs(5, (1, 2, 4, 8), gamma=0.1)
     spans = second - first
     assert set(spans.tolist()) == {1, 2, 4}
     per_span = [depth_weight[spans == k].sum().item() for k in (1, 2, 4)]
@@ -267,13 +305,13 @@ def test_span_weights_favour_longer_spans_and_drop_spans_longer_than_the_clip():
 
 def test_span_pairs_rejects_a_span_set_with_no_usable_span():
     with pytest.raises(ValueError, match="no usable span"):
-        camgeo.span_pairs(4, (4, 8))
+        distill.span_pairs(4, (4, 8))
 
 
 def test_geometry_loss_sends_gradients_to_depth_and_cameras():
     depth, w2c, K, frames = clip_batch()
     depth, w2c, K = depth.requires_grad_(), w2c[..., :3, :].clone().requires_grad_(), K.clone().requires_grad_()
-    camgeo.geometry_loss(depth, w2c, K, frames)[0].sum().backward()
+    distill.geometry_loss(depth, w2c, K, frames)[0].sum().backward()
     for grad in (depth.grad, w2c.grad, K.grad):
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
@@ -284,7 +322,7 @@ def test_geometry_loss_gradients_stay_finite_when_points_leave_the_view_or_go_be
     w2c[0, 1] = pose(rotation_about([0.0, 1.0, 0.0], math.pi), [0.0, 0.0, 0.0]) @ w2c[0, 1]  # faces backwards
     w2c[0, 2, :3, 3] += 1e4  # moved far away: every point lands far outside the image
     depth, w2c = depth.requires_grad_(), w2c.requires_grad_()
-    loss, _, _ = camgeo.geometry_loss(depth, w2c, K, frames)
+    loss, _, _ = distill.geometry_loss(depth, w2c, K, frames)
     loss.sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(depth.grad).all() and torch.isfinite(w2c.grad).all()
 
@@ -294,7 +332,7 @@ def test_compiled_geometry_loss_matches_eager_values_and_gradients():
     depth, w2c, K, frames = (x.float() for x in clip_batch(batch=1, num_frames=3))
     depth = depth * (1 + 0.1 * torch.rand(depth.shape, generator=torch.Generator().manual_seed(0)))
     results = []
-    for fn in (camgeo.geometry_loss, torch.compile(camgeo.geometry_loss, fullgraph=True)):
+    for fn in (distill.geometry_loss, torch.compile(distill.geometry_loss, fullgraph=True)):
         d, c = depth.clone().requires_grad_(), w2c[..., :3, :].clone().requires_grad_()
         loss, depth_term, smooth = fn(d, c, K, frames, spans=(1, 2))
         loss.sum().backward()
@@ -309,49 +347,53 @@ def test_compiled_geometry_loss_matches_eager_values_and_gradients():
 
 def test_alpha_is_exactly_zero_during_warmup():
     for step in range(0, 10):
-        assert camgeo.curriculum_weights(step, 100)[0] == 0.0
+        assert distill.curriculum_weights(step, 100)[0] == 0.0
 
 
 def test_alpha_and_beta_rise_from_near_zero_to_near_one():
-    alphas, betas = zip(*(camgeo.curriculum_weights(s, 1000) for s in range(1000)))
+    alphas, betas = zip(*(distill.curriculum_weights(s, 1000) for s in range(1000)))
     assert all(b >= a for a, b in zip(alphas, alphas[1:])) and all(b >= a for a, b in zip(betas, betas[1:]))
     assert alphas[-1] > 0.999 and betas[-1] > 0.999 and betas[150] < 1e-3
 
 
 def test_sigmoid_schedules_are_one_half_at_their_midpoints():
-    alpha, _ = camgeo.curriculum_weights(200, 1000, alpha_mid=0.2)
-    _, beta = camgeo.curriculum_weights(500, 1000, beta_mid=0.5)
+    alpha, _ = distill.curriculum_weights(200, 1000, alpha_mid=0.2)
+    _, beta = distill.curriculum_weights(500, 1000, beta_mid=0.5)
     assert math.isclose(alpha, 0.5) and math.isclose(beta, 0.5)
 
 
 def test_trajectory_leads_and_depth_follows():
-    alpha, beta = camgeo.curriculum_weights(300, 1000)
+    alpha, beta = distill.curriculum_weights(300, 1000)
     assert alpha > 0.9 and beta < 0.1  # phase 2: mostly L_traj
 
 
 def test_linear_schedule_shares_midpoint_and_slope_and_is_clipped():
-    width = camgeo.CURRICULUM_WIDTH
+    width = distill.CURRICULUM_WIDTH
     total = 100_000
-    mid = int(camgeo.CURRICULUM_BETA_MID * total)
-    sig = [camgeo.curriculum_weights(s, total)[1] for s in (mid - 10, mid, mid + 10)]
-    lin = [camgeo.curriculum_weights(s, total, schedule="linear")[1] for s in (mid - 10, mid, mid + 10)]
+    mid = int(distill.CURRICULUM_BETA_MID * total)
+    sig = [distill.curriculum_weights(s, total)[1] for s in (mid - 10, mid, mid + 10)]
+    lin = [distill.curriculum_weights(s, total, schedule="linear")[1] for s in (mid - 10, mid, mid + 10)]
     assert math.isclose(lin[1], 0.5) and math.isclose(lin[2] - lin[0], sig[2] - sig[0], rel_tol=1e-3)
-    assert camgeo.curriculum_weights(total - 1, total, schedule="linear") == (1.0, 1.0)
-    assert camgeo.curriculum_weights(int(0.11 * total), total, schedule="linear")[1] == 0.0
-    assert width > 0
+    assert distill.curriculum_weights(total - 1, total, schedule="linear") == (1.0, 1.0)
+    assert distill.curriculum_weights(int(0.11 * total), total, schedule="linear")[1] == 0.0
+    # the linear ramp spans 4 widths around the midpoint: 0 and 1 exactly two widths either side
+    assert distill.curriculum_weights(round((distill.CURRICULUM_BETA_MID - 2 * width) * total), total, "linear")[1] == 0
+    assert distill.curriculum_weights(round((distill.CURRICULUM_BETA_MID + 2 * width) * total), total, "linear")[1] == 1
 
 
 def test_without_warmup_alpha_is_one_from_the_first_step():
-    assert camgeo.curriculum_weights(0, 100, warmup=False)[0] == 1.0
+    assert distill.curriculum_weights(0, 100, warmup=False)[0] == 1.0
 
 
 def test_total_loss_gates_geometry_by_beta_by_default_and_not_in_the_printed_form():
-    gated = camgeo.total_loss(1.0, 2.0, 4.0, alpha=0.5, beta=0.25)
-    printed = camgeo.total_loss(1.0, 2.0, 4.0, alpha=0.5, beta=0.25, geo_gate="printed")
+    gated = distill.total_loss(1.0, 2.0, 4.0, alpha=0.5, beta=0.25)
+    printed = distill.total_loss(1.0, 2.0, 4.0, alpha=0.5, beta=0.25, geo_gate="printed")
     assert gated == 1.0 + 0.5 * (0.75 * 2.0 + 0.25 * 4.0)
     assert printed == 1.0 + 0.5 * (0.75 * 2.0 + 4.0)
+    weighted = distill.total_loss(1.0, 2.0, 4.0, alpha=0.5, beta=0.25, traj_weight=3.0, geo_weight=0.5)
+    assert weighted == 1.0 + 0.5 * (0.75 * 3.0 * 2.0 + 0.25 * 0.5 * 4.0)
 
 
 def test_curriculum_rejects_unknown_schedule():
     with pytest.raises(ValueError, match="schedule"):
-        camgeo.curriculum_weights(0, 10, schedule="cosine")
+        distill.curriculum_weights(0, 10, schedule="cosine")

@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 import camgeo
 import data
+import distill
 import geometry
 import teacher
 import train
@@ -203,7 +204,9 @@ def read_log(out):
 
 
 def test_camgeo_run_logs_every_loss_term_and_the_curriculum(tmp_path, teacher_path):
-    out = smoke_run(tmp_path, "camgeo", steps=3, extra=("--no-warmup",), teacher_file=teacher_path)
+    # against the true poses, so that both terms are non-zero even for a teacher with random weights
+    out = smoke_run(tmp_path, "camgeo", steps=3, extra=("--no-warmup", "--distill-target", "truth"),
+                    teacher_file=teacher_path)
     records = read_log(out)
     for r in records:
         assert {"loss", "loss_diff", "loss_traj", "loss_geo", "loss_geo_depth", "loss_geo_smooth", "alpha", "beta",
@@ -224,13 +227,15 @@ def test_camgeo_checkpoint_holds_the_student_only(tmp_path, teacher_path):
 
 
 def one_step_terms(tmp_path, teacher_path, step, extra=()):
-    """Losses of one CamGeo step at `step` of a 10-step schedule, with options `extra`."""
+    """Losses of one CamGeo step at `step` of a 10-step schedule, with options `extra` (L_traj and L_geo against
+    the true poses, non-zero even for the random teacher)."""
+    extra = ("--distill-target", "truth", *extra)
     args = smoke_args(tmp_path, "camgeo", steps=10, extra=extra, teacher_file=teacher_path)
     torch.manual_seed(0)
     model = camgeo.CamGeo(SMOKE)
     clips = batch(num_frames=SMOKE.num_frames, seeds=(0, 1, 2, 3))
     generator = torch.Generator().manual_seed(0)
-    loss, terms = train.step_losses(args, model, train.load_teacher(teacher_path, "cpu"), camgeo.geometry_loss,
+    loss, terms = train.step_losses(args, model, train.load_teacher(teacher_path, "cpu"), distill.geometry_loss,
                                     clips, step, generator, SMOKE, torch.device("cpu"))
     return loss, terms, args
 
@@ -240,20 +245,55 @@ def test_warmup_step_runs_no_teacher_and_is_the_diffusion_loss(tmp_path, teacher
     assert terms["alpha"] == 0 and terms["teacher_clips"] == 0 and torch.equal(loss, terms["loss_diff"])
 
 
+def gated_total(terms, traj_weight=1.0, geo_weight=1.0):
+    """L_total with L_geo gated by beta, from the logged terms."""
+    return terms["loss_diff"] + terms["alpha"] * ((1 - terms["beta"]) * traj_weight * terms["loss_traj"]
+                                                  + terms["beta"] * geo_weight * terms["loss_geo"])
+
+
 @pytest.mark.parametrize("extra, check", [
-    (("--no-warmup",), lambda terms, args: terms["alpha"] == 1.0),
-    (("--schedule", "linear"), lambda terms, args: (terms["alpha"], terms["beta"]) == camgeo.curriculum_weights(
-        6, 10, "linear")),
-    (("--smoothness-weight", "0"), lambda terms, args: terms["loss_geo"] == terms["loss_geo_depth"]),
-    (("--geo-gate", "printed"), lambda terms, args: True),
+    (("--no-warmup",), lambda loss, terms: terms["alpha"] == 1.0 and torch.allclose(loss, gated_total(terms))),
+    (("--schedule", "linear"), lambda loss, terms: (terms["alpha"], terms["beta"]) == distill.curriculum_weights(
+        6, 10, "linear") and torch.allclose(loss, gated_total(terms))),
+    (("--smoothness-weight", "0"), lambda loss, terms: terms["loss_geo"] == terms["loss_geo_depth"]),
+    (("--geo-gate", "printed"), lambda loss, terms: torch.allclose(loss, terms["loss_diff"] + terms["alpha"] * (
+        (1 - terms["beta"]) * terms["loss_traj"] + terms["loss_geo"])) and not torch.allclose(loss, gated_total(terms))),
+    (("--traj-weight", "3", "--geo-weight", "0.5"), lambda loss, terms: torch.allclose(loss, gated_total(terms, 3, 0.5))
+     and not torch.allclose(loss, gated_total(terms))),
 ])
 def test_each_curriculum_option_reaches_the_loss(tmp_path, teacher_path, extra, check):
     loss, terms, args = one_step_terms(tmp_path, teacher_path, step=6, extra=("--teacher-fraction", "1", *extra))
-    assert terms["teacher_clips"] > 0 and check(terms, args)
-    geo_factor = 1.0 if args.geo_gate == "printed" else terms["beta"]
-    expected = terms["loss_diff"] + terms["alpha"] * ((1 - terms["beta"]) * terms["loss_traj"]
-                                                      + geo_factor * terms["loss_geo"])
-    assert torch.allclose(loss, expected)
+    assert terms["teacher_clips"] > 0 and terms["loss_geo"] > 0 and terms["loss_traj"] > 0
+    assert check(loss, terms)
+
+
+def distillation_of(video_pred, tmp_path, teacher_path, extra=(), camera_drop=None, t=None):
+    """train.distillation_losses for a batch of 4 clips whose predicted video is video_pred(true video)."""
+    args = smoke_args(tmp_path, "camgeo", steps=10, extra=("--teacher-fraction", "1", *extra),
+                      teacher_file=teacher_path)
+    clips = batch(num_frames=SMOKE.num_frames, seeds=(0, 1, 2, 3))
+    out = {"t": torch.zeros(4) if t is None else t, "x0_pred": video_pred(clips["video"]), "loss": torch.zeros(()),
+           "camera_drop": torch.zeros(4, dtype=torch.bool) if camera_drop is None else camera_drop}
+    mask = torch.zeros(4, SMOKE.num_frames)
+    mask[:, [0, SMOKE.num_frames - 1]] = 1
+    return distill.distillation_losses(train.load_teacher(teacher_path, "cpu"), distill.geometry_loss, out, clips, mask,
+                                     args)
+
+
+def test_teacher_consistent_target_is_zero_when_the_prediction_is_the_real_clip(tmp_path, teacher_path):
+    terms = distillation_of(lambda video: video, tmp_path, teacher_path)
+    assert terms["teacher_clips"] == 4 and terms["loss_traj"] == 0 and terms["loss_geo"] == 0
+    shifted = distillation_of(lambda video: video.roll(1, dims=0), tmp_path, teacher_path)  # another clip's frames
+    assert shifted["loss_traj"] > 0
+
+
+def test_clips_whose_camera_was_dropped_get_no_distillation(tmp_path, teacher_path):
+    drop = torch.tensor([True, True, True, True])
+    terms = distillation_of(lambda video: video.roll(1, dims=0), tmp_path, teacher_path, camera_drop=drop)
+    assert terms["teacher_clips"] == 0 and terms["loss_traj"] == 0 and terms["loss_geo"] == 0
+    one_kept = distillation_of(lambda video: video.roll(1, dims=0), tmp_path, teacher_path,
+                               camera_drop=torch.tensor([True, False, True, True]))
+    assert one_kept["teacher_clips"] == 1
 
 
 def test_teacher_gate_and_fraction_limit_the_clips_the_teacher_sees(tmp_path, teacher_path):
@@ -268,14 +308,13 @@ def test_distillation_gradient_reaches_the_student_through_the_frozen_teacher(tm
     teacher_model = train.load_teacher(teacher_path, "cpu")
     torch.manual_seed(0)
     model = camgeo.CamGeo(SMOKE)
-    zero_initialised = [*model.final_layer.parameters(), *model.pixel_head.net[-1].parameters()]
-    for p in zero_initialised:
-        p.data.normal_(0, 0.02)
+    for p in [*model.final_layer.parameters(), *model.pixel_head.net[-1].parameters()]:
+        p.data.normal_(0, 0.02)  # zero-initialised layers would block the gradient to everything before them
     clips = batch(num_frames=SMOKE.num_frames, seeds=(0, 1, 2, 3))
-    _, terms = train.step_losses(args, model, teacher_model, camgeo.geometry_loss, clips, 6,
+    _, terms = train.step_losses(args, model, teacher_model, distill.geometry_loss, clips, 6,
                                  torch.Generator().manual_seed(0), SMOKE, torch.device("cpu"))
     (terms["loss_traj"] + terms["loss_geo"]).backward()
-    assert zero_initialised and model.final_layer.linear.weight.grad.abs().sum() > 0
+    assert terms["loss_traj"] > 0 and model.final_layer.linear.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher_model.parameters())
 
 
@@ -291,7 +330,7 @@ def test_compile_falls_back_to_eager_with_a_note_when_compilation_fails(monkeypa
     K = torch.tensor([[8.0, 0, 4], [0, 8.0, 4], [0, 0, 1]]).expand(1, 3, 3, 3)
     frames = torch.rand(1, 3, 3, 8, 8)
     result = geometry_loss(depth, w2c, K, frames)
-    assert torch.equal(result[0], camgeo.geometry_loss(depth, w2c, K, frames)[0])
+    assert torch.equal(result[0], distill.geometry_loss(depth, w2c, K, frames)[0])
     assert "running it eagerly" in capsys.readouterr().out
 
 
