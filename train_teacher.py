@@ -125,21 +125,31 @@ def rotation_angle_deg(R):
     return torch.rad2deg(2 * torch.atan2(q[..., :3].norm(dim=-1), q[..., 3]))
 
 
-@torch.no_grad()
-def evaluate_teacher(model, clips, batch_size=16):
-    """Per-frame errors of the teacher and of trivial baselines on clips (dict of stacked tensors).
+def evaluate_teacher(model, clips, cameras, degraded=False, batch_size=16):
+    """Per-frame errors of the teacher's `cameras` ("head" or "aligned") and depth, and of trivial baselines,
+    on clips (dict of stacked tensors); degraded: the frames are first made to look generated
+    (estimator.degrade: blur, colour cast, noise), as the student's predictions are.
 
     rotation: angle of R_gt^T R_pred, poses relative to frame 0 (baseline: identity);
     translation direction: angle between camera-0-relative centres (baseline: straight forward),
       frames that moved >= MIN_BASELINE only; depth AbsRel after per-frame median scale alignment
       (baseline: a constant depth); horizontal field of view error (baseline: the data's mid FoV).
+    The aligned cameras use the true intrinsics, as in training, so their FoV error is zero by construction.
     """
+    import estimator
+
     model = freeze(model)
     sums = {}
     for start in range(0, clips["video"].shape[0], batch_size):
         batch = {k: v[start:start + batch_size] for k, v in clips.items()}
-        B, Fr, _, H, W = batch["video"].shape
-        out = teacher_geometry(model, batch["video"].float() / 255)
+        video = batch["video"].float() / 255
+        if degraded:
+            video = torch.stack([estimator.degrade(v, torch.Generator().manual_seed(start + i))
+                                 for i, v in enumerate(video)])
+        B, Fr, _, H, W = video.shape
+        intrinsics = batch["K"] if cameras == "aligned" else None
+        with torch.no_grad():
+            out = teacher_geometry(model, video, cameras, intrinsics=intrinsics)
         c2w_gt = geometry.relative_to_first(geometry.invert_pose(batch["w2c"]))[:, 1:]
         c2w_pred = geometry.relative_to_first(geometry.invert_pose(out["extrinsics"]))[:, 1:]
         _, _, _, scale = vggt_targets(batch["w2c"], batch["K"], batch["depth"])
@@ -167,16 +177,27 @@ def evaluate_teacher(model, clips, batch_size=16):
     return {key: torch.cat(v) for key, v in sums.items()}
 
 
-def print_eval_table(errors, num_clips):
-    print(f"| metric (test split, {num_clips} clips) | teacher mean | teacher median | baseline mean "
-          f"| baseline median | frames |")
-    print("|---|---|---|---|---|---|")
-    baselines = {"rotation_deg": "identity rotation", "translation_dir_deg": "constant forward direction",
-                 "depth_absrel": "constant depth", "fov_deg": "constant 60 deg FoV"}
-    for name, baseline in baselines.items():
-        t, b = errors[(name, "teacher")], errors[(name, "baseline")]
-        print(f"| {name} (baseline: {baseline}) | {t.mean():.3f} | {t.median():.3f} | {b.mean():.3f} "
-              f"| {b.median():.3f} | {t.numel()} |")
+BASELINES = {"rotation_deg": "identity rotation", "translation_dir_deg": "constant forward direction",
+             "depth_absrel": "constant depth", "fov_deg": "constant 60 deg FoV"}
+
+
+def eval_table(model, clips):
+    """Markdown: every metric for the head's and the aligned cameras on clean and degraded frames, with the
+    baseline and the teacher / baseline ratio of the means."""
+    num_clips = clips["video"].shape[0]
+    lines = [f"| metric ({num_clips} test clips) | frames | cameras | teacher mean | teacher median | baseline mean "
+             "| teacher / baseline | frames scored |", "|---|---|---|---|---|---|---|---|"]
+    for degraded in (False, True):
+        errors = {cameras: evaluate_teacher(model, clips, cameras, degraded) for cameras in ("head", "aligned")}
+        for name, baseline in BASELINES.items():
+            for cameras, result in errors.items():
+                if name == "depth_absrel" and cameras == "aligned":
+                    continue  # the same depth maps as the head row
+                t, b = result[(name, "teacher")], result[(name, "baseline")]
+                lines.append(f"| {name} (baseline: {baseline}) | {'degraded' if degraded else 'clean'} | "
+                             f"{cameras if name != 'depth_absrel' else '—'} | {t.mean():.3f} | {t.median():.3f} | "
+                             f"{b.mean():.3f} | {t.mean() / b.mean():.0%} | {t.numel()} |")
+    return "\n".join(lines)
 
 
 def main():
@@ -200,7 +221,7 @@ def main():
     if args.eval:
         model = load_vggt(args.eval)
         clips = render_split("test", args.eval_clips, args.frames, model.config.img_size)
-        print_eval_table(evaluate_teacher(model, clips), args.eval_clips)
+        print(eval_table(model, clips))
     else:
         started = time.time()
         train_small_teacher(args)
