@@ -636,6 +636,11 @@ def read_re10k_cameras(path):
                 w2c=torch.tensor(np.stack(w2c), dtype=torch.float32))
 
 
+def frames_to_uint8(video):
+    """(F, 3, H, W) float video in [0, 1] -> (F, H, W, 3) uint8 numpy frames, as image files store them."""
+    return (video.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
 def write_re10k_clip(clip, folder, name, url=None):
     """Write a clip dict (render_clip's) as folder/name.txt + folder/name/00000.png ... (+ prompt.txt).
 
@@ -654,7 +659,7 @@ def write_re10k_clip(clip, folder, name, url=None):
         lines.append(" ".join([str(int(timestamps[i]))] + [f"{x:.9g}" for x in intrinsics + [0.0, 0.0] + pose]))
     with open(os.path.join(folder, f"{name}.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    frames = (video.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (F, H, W, 3)
+    frames = frames_to_uint8(video)  # (F, H, W, 3)
     for i, frame in enumerate(frames):
         Image.fromarray(frame).save(os.path.join(folder, name, f"{i:05d}.png"))
     if clip.get("prompt"):
@@ -711,7 +716,7 @@ class RE10KClips(torch.utils.data.Dataset):
 
 
 def save_gif(video, path, frame_ms=100):
-    frames = (video.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    frames = frames_to_uint8(video)
     images = [Image.fromarray(f) for f in frames]
     images[0].save(path, save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
 

@@ -13,6 +13,8 @@ whether one student follows the cameras it is given.
     python evaluate.py --preset smoke --out out/eval_smoke   # the whole study in seconds (CI)
     python evaluate.py --preset cpu --out out/eval           # a few hours on 2 CPU cores
     python evaluate.py --preset gpu --device cuda --workers 14 --out out/eval_gpu   # estimator: CPU processes
+    python evaluate.py --seeds 1 --out out/eval_seed1        # a study in parts, one training seed each, then
+    python evaluate.py --combine out/eval/per_clip.csv out/eval_seed1/per_clip.csv --out out/eval_all
 
 The study trains what is missing (python train.py ... --out OUT/ckpt/<name>), reuses checkpoints that exist,
 samples every test clip with fixed seeds, estimates, scores, and writes OUT/table.md, OUT/table.csv, OUT/per_clip.csv,
@@ -331,30 +333,72 @@ def evaluate_run(run, ckpt, clips, preset, out_dir, device, workers=1):
 # Table and pictures
 
 
-def table_rows(runs, results):
-    """One row per (label, ratio): metrics pooled over clips and seeds. Spread over clips (all videos) and, with
-    two or more seeds, the spread of the per-seed means (how much a retrained model moves the number)."""
+PER_CLIP_COLUMNS = ("run", "method", "keyframes", "train_seed", "clip_seed", *METRICS, "sample_s")
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+
+
+def read_per_clip(paths):
+    """per_clip.csv files (one per part of a study, e.g. one training seed each) -> list of dicts with numbers."""
+    records = []
+    for path in paths:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                missing = set(PER_CLIP_COLUMNS) - row.keys()
+                if missing:
+                    raise ValueError(f"{path}: not a per-clip results file (missing columns {sorted(missing)})")
+                records.append({**row, "train_seed": int(row["train_seed"]), "clip_seed": int(row["clip_seed"]),
+                                **{name: float(row[name]) for name in (*METRICS, "sample_s")}})
+    return records
+
+
+def table_rows(records):
+    """One row per (method, keyframes): metrics pooled over clips and seeds. Spread over clips (all videos) and,
+    with two or more seeds, the spread of the per-seed means (how much a retrained model moves the number)."""
     groups = {}
-    for run in runs:
-        if run.name in results:
-            groups.setdefault((run.label, run.ratio), []).append(results[run.name])
+    for record in records:
+        groups.setdefault((record["method"], record["keyframes"]), []).append(record)
     rows = []
-    for (label, ratio), group in groups.items():
-        metrics = torch.cat([r["metrics"] for r in group])  # (clips * seeds, 5)
-        per_seed = torch.stack([r["metrics"].mean(0) for r in group])  # (seeds, 5)
-        seconds = torch.cat([r["seconds"] for r in group])
-        row = {"method": label, "keyframes": ratio_label(ratio), "clips": group[0]["metrics"].shape[0],
-               "seeds": len(group), "sample_s_per_video": seconds.mean().item()}
-        for i, name in enumerate(METRICS):
-            row[name] = metrics[:, i].mean().item()
-            row[f"{name}_median"] = metrics[:, i].quantile(0.5).item()
-            row[f"{name}_std_clips"] = metrics[:, i].std(unbiased=False).item()
-            row[f"{name}_std_seeds"] = per_seed[:, i].std(unbiased=False).item() if len(group) > 1 else float("nan")
+    for (method, keyframes), group in groups.items():
+        seeds = sorted({r["train_seed"] for r in group})
+        row = {"method": method, "keyframes": keyframes, "clips": len({r["clip_seed"] for r in group}),
+               "seeds": len(seeds), "sample_s_per_video": float(np.mean([r["sample_s"] for r in group]))}
+        for name in METRICS:
+            values = np.array([r[name] for r in group])
+            per_seed = [np.mean([r[name] for r in group if r["train_seed"] == s]) for s in seeds]
+            row[name], row[f"{name}_median"] = float(values.mean()), float(np.median(values))
+            row[f"{name}_std_clips"] = float(values.std())
+            row[f"{name}_std_seeds"] = float(np.std(per_seed)) if len(seeds) > 1 else float("nan")
         rows.append(row)
     return rows
 
 
-def write_tables(rows, out_dir, notes):
+def paired_differences(records, method="CamGeo", baseline="Sparse"):
+    """method - baseline per (training seed, clip) pair, at every keyframe ratio both were run at, with a
+    bootstrap 95% interval of the mean (clips resampled with replacement, all seeds of a clip kept together, so
+    the interval covers which clips were drawn). Returns Markdown lines."""
+    by_key = {(r["method"], r["keyframes"], r["train_seed"], r["clip_seed"]): r for r in records}
+    lines = [f"| {method} − {baseline} | keyframes | pairs | " + " | ".join(METRICS) + " |",
+             "|---" * (len(METRICS) + 3) + "|"]
+    for keyframes in sorted({r["keyframes"] for r in records if r["method"] == method}):
+        pairs = [(by_key[key], by_key[(baseline, *key[1:])]) for key in by_key
+                 if key[0] == method and key[1] == keyframes and (baseline, *key[1:]) in by_key]
+        if not pairs:
+            continue
+        clips = sorted({a["clip_seed"] for a, _ in pairs})
+        rng = np.random.default_rng(BOOTSTRAP_SEED)
+        draws = rng.integers(0, len(clips), size=(BOOTSTRAP_RESAMPLES, len(clips)))
+        cells = []
+        for name in METRICS:
+            # per clip: the difference averaged over training seeds; the mean over clips is then bootstrapped
+            per_clip = np.array([np.mean([a[name] - b[name] for a, b in pairs if a["clip_seed"] == c]) for c in clips])
+            low, high = np.percentile(per_clip[draws].mean(axis=1), [2.5, 97.5])
+            cells.append(f"{per_clip.mean():+.3f} [{low:+.3f}, {high:+.3f}]")
+        lines.append(f"| | {keyframes} | {len(pairs)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_tables(rows, out_dir, notes, differences=()):
     columns = ["method", "keyframes", "clips", "seeds"] + [
         f"{name}{suffix}" for name in METRICS for suffix in ("", "_median", "_std_clips", "_std_seeds")] + [
         "sample_s_per_video"]
@@ -375,6 +419,9 @@ def write_tables(rows, out_dir, notes):
             cells.append(cell)
         seconds = "—" if math.isnan(row["sample_s_per_video"]) else f"{row['sample_s_per_video']:.3f}"
         lines.append(f"| {row['method']} | {row['keyframes']} | " + " | ".join(cells) + f" | {seconds} |")
+    if differences:
+        lines += ["", "Paired differences, mean over clips [bootstrap 95% interval]; negative is better for RotErr, "
+                  "TransErr and CamMC, positive for PSNR and SSIM:", "", *differences]
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write("\n".join(notes + [""] + lines) + "\n")
 
@@ -432,7 +479,7 @@ def draw_frames(clips, named_videos, path, scale=3):
             y = top + r * tile_h
             draw.text((4, y + tile_h // 2 - 6), f"{label}" + (f" ({clips[c].seed})" if r == 0 else ""),
                       fill=(0, 0, 0))
-            frames = (videos[c].clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            frames = data.frames_to_uint8(videos[c])
             for f, frame in enumerate(frames):
                 tile = Image.fromarray(frame).resize((tile_w, tile_h), Image.NEAREST)
                 image.paste(tile, (label_width + f * tile_w, y))
@@ -508,7 +555,17 @@ def run_study(args):
               Run(DEGRADED_RUN, "", 1.0, 0, (), "Degraded ground-truth video (estimator floor)")]
     for run in floors:
         results[run.name] = evaluate_run(run, None, clips, preset, args.out, args.device, args.workers)
-    rows = table_rows(runs + floors, results)
+    per_clip_path = os.path.join(args.out, "per_clip.csv")
+    with open(per_clip_path, "w", newline="") as f:  # every video: the table below and any other statistic
+        writer = csv.writer(f)
+        writer.writerow(PER_CLIP_COLUMNS)
+        for run in runs + floors:
+            result = results[run.name]
+            for clip, values, seconds in zip(clips, result["metrics"].tolist(), result["seconds"].tolist()):
+                writer.writerow([run.name, run.label, ratio_label(run.ratio), run.seed, clip.seed,
+                                 *[f"{v:.6g}" for v in values], f"{seconds:.6g}"])
+    records = read_per_clip([per_clip_path])
+    rows = table_rows(records)
     notes = [f"# CamGeo study, preset {args.preset}",
              f"{len(clips)} held-out test clips (seeds {clips[0].seed}..{clips[-1].seed}), {model_config.num_frames} "
              f"frames at {model_config.image_size}x{model_config.image_size}; training seeds {list(preset.seeds)}; "
@@ -528,16 +585,7 @@ def run_study(args):
             ratio = seconds / timing[("Sparse", keyframes)]
             notes.append(f"Sampling time CamGeo / Sparse at {keyframes}: {ratio:.3f}.")
     notes.append(f"teacher.py imported by this process while sampling: {'yes' if 'teacher' in sys.modules else 'no'}.")
-    write_tables(rows, args.out, notes)
-    with open(os.path.join(args.out, "per_clip.csv"), "w", newline="") as f:  # every video, for other statistics
-        writer = csv.writer(f)
-        writer.writerow(["run", "method", "keyframes", "train_seed", "clip_seed", *METRICS, "sample_s"])
-        for run in runs + floors:
-            if run.name in results:
-                result = results[run.name]
-                for clip, values, seconds in zip(clips, result["metrics"].tolist(), result["seconds"].tolist()):
-                    writer.writerow([run.name, run.label, ratio_label(run.ratio), run.seed, clip.seed,
-                                     *[f"{v:.6g}" for v in values], f"{seconds:.6g}"])
+    write_tables(rows, args.out, notes, paired_differences(records))
     # pictures: the first ratio and first seed, plus full
     shown = [r for r in runs if r.name in results and r.seed == preset.seeds[0]
              and (r.ratio == preset.ratios[0] or r.method == "full")]
@@ -575,6 +623,10 @@ def parse_args(argv=None):
                              "own and with another clip's cameras, vs repeating the reference and vs the model's "
                              "starting guess; --clips, default 16; "
                              "-> OUT/check_frames.png)")
+    parser.add_argument("--combine", nargs="+", metavar="PER_CLIP_CSV",
+                        help="only combine the per_clip.csv files of several parts of a study (e.g. one training "
+                             "seed each) into OUT/table.md and OUT/table.csv, with the paired CamGeo - Sparse "
+                             "differences and their bootstrap intervals")
     parser.add_argument("--cfg", type=float, default=1.0, help="--check: guidance scale")
     parser.add_argument("--frames", type=int, default=8, help="--validate: frames per clip")
     parser.add_argument("--size", type=int, default=32, help="--validate: pixels")
@@ -606,6 +658,13 @@ def main(argv=None):
         with open(os.path.join(args.out, "validation.md"), "w") as f:
             f.write(f"# Camera estimator validation\n\n`{command}`\n\n{report}\n")
         print(report)
+        return
+    if args.combine:
+        os.makedirs(args.out, exist_ok=True)
+        records = read_per_clip(args.combine)
+        notes = ["# CamGeo study, combined from " + ", ".join(f"`{path}`" for path in args.combine)]
+        write_tables(table_rows(records), args.out, notes, paired_differences(records))
+        print(open(os.path.join(args.out, "table.md")).read())
         return
     if args.check:
         os.makedirs(args.out, exist_ok=True)

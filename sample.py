@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 import camgeo
+import data
 import geometry
 
 DEFAULT_CKPT = os.path.join("assets", "student.safetensors")
@@ -173,7 +174,6 @@ def assemble(num_frames, poses, intrinsics, prompt):
 
 def parse_re10k(path, num_frames, keyframe_ratio):
     """RealEstate10K camera file -> the same dict: num_frames frames evenly spaced over the file."""
-    import data  # only needed for this format
     try:
         cameras = data.read_re10k_cameras(path)
     except FileNotFoundError:
@@ -263,16 +263,12 @@ def conditioning_for(poses, method, size):
     w2c = torch.tensor(poses["w2c"], dtype=torch.float32)[None]
     mask = torch.tensor(poses["keyframe_mask"], dtype=torch.float32)[None]
     K = torch.tensor(poses["K_normalised"], dtype=torch.float32)[None] * size  # normalised -> pixels
-    if method in ("linear", "slerp", "full") and not bool(mask.all()):
-        mode = "slerp" if method == "full" else method
-        if method == "full":
-            note("the checkpoint was trained with every pose given; missing poses are filled by SLERP")
-        else:
-            note(f"the checkpoint is the {method} baseline: poses missing from the file are filled by {method} "
-                 f"interpolation of the given ones")
-        w2c = camgeo.fill_missing_poses(w2c, mask, mode)
-        mask = torch.ones_like(mask)
-    return camgeo.camera_conditioning(w2c, K, mask, size, size)
+    if method == "full" and not bool(mask.all()):
+        note("the checkpoint was trained with every pose given; missing poses are filled by SLERP")
+    elif method in ("linear", "slerp") and not bool(mask.all()):
+        note(f"the checkpoint is the {method} baseline: poses missing from the file are filled by {method} "
+             f"interpolation of the given ones")
+    return camgeo.keyframe_camera(w2c, K, mask, method, size, size)[0]
 
 
 # -----------------------------------------------------------------------------
@@ -282,7 +278,7 @@ def conditioning_for(poses, method, size):
 def save_video(video, out_dir, upscale):
     """video (F, 3, H, W) in [0, 1] -> frame_XX.png, video.gif, strip.png in out_dir."""
     os.makedirs(out_dir, exist_ok=True)
-    frames = [Image.fromarray((f.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for f in video]
+    frames = [Image.fromarray(frame) for frame in data.frames_to_uint8(video)]
     for i, frame in enumerate(frames):
         frame.save(os.path.join(out_dir, f"frame_{i:02d}.png"))
     big = [f.resize((f.width * upscale, f.height * upscale), Image.NEAREST) for f in frames]
@@ -298,11 +294,10 @@ def save_video(video, out_dir, upscale):
 def make_examples(folder, num_frames=8, size=64, keyframe_ratio=0.5, seed=None):
     """examples/: a rendered reference frame of a held-out clip and three hand-made camera paths, with poses at
     the keyframes train.py gives at --sparse 0.5 (evenly spaced, ratio 1/2)."""
-    import data
     seed = data.SPLIT_SEEDS["test"][0] + 5 if seed is None else seed  # a room corner and objects in view
     clip = data.render_clip(seed, num_frames, size, size)
     os.makedirs(folder, exist_ok=True)
-    Image.fromarray((clip["video"][0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(
+    Image.fromarray(data.frames_to_uint8(clip["video"][:1])[0]).save(
         os.path.join(folder, "reference.png"))
     fov_deg = math.degrees(2 * math.atan((size / 2) / float(clip["K"][0, 0])))
 

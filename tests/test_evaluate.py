@@ -162,3 +162,53 @@ def test_check_reports_own_and_wrong_cameras_next_to_repeating_the_reference(smo
     truth = torch.stack([c.video for c in evaluate.held_out_clips(3, frames, size)])
     repeat = geometry.psnr(truth[:, :1].expand_as(truth)[:, 1:], truth[:, 1:]).item()
     assert float(rows[1].split(" | ")[1]) == pytest.approx(repeat, abs=0.006)  # the first column, independently
+
+
+def write_per_clip(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(evaluate.PER_CLIP_COLUMNS)
+        for method, keyframes, seed, clip, rot in rows:
+            writer.writerow([f"{method}_{seed}", method, keyframes, seed, clip, rot, 1.0, 1.0, 20.0, 0.5, 0.1])
+
+
+def test_paired_difference_pairs_clips_and_seeds_and_its_interval_covers_a_known_shift(tmp_path):
+    rng = torch.Generator().manual_seed(0)
+    parts = []
+    for seed in (0, 1):  # one file per part of the study
+        sparse = torch.rand(20, generator=rng)
+        rows = [("Sparse", "1/2", seed, c, sparse[c].item()) for c in range(20)]
+        rows += [("CamGeo", "1/2", seed, c, sparse[c].item() - 0.1) for c in range(20)]  # exactly 0.1 better
+        parts.append(tmp_path / f"part{seed}.csv")
+        write_per_clip(parts[-1], rows)
+    records = evaluate.read_per_clip(parts)
+    line = evaluate.paired_differences(records)[-1]
+    assert "| 1/2 | 40 |" in line
+    rot = line.split(" | ")[3]
+    assert rot.startswith("-0.100 [-0.100, -0.100]")  # a constant shift: no spread to resample
+    rows = {(r["method"], r["keyframes"]): r for r in evaluate.table_rows(records)}
+    assert rows[("CamGeo", "1/2")]["seeds"] == 2 and rows[("CamGeo", "1/2")]["clips"] == 20
+
+
+def test_paired_difference_interval_contains_zero_for_noise_alone(tmp_path):
+    rng = torch.Generator().manual_seed(1)
+    rows = [(m, "1/4", 0, c, torch.rand(1, generator=rng).item()) for m in ("Sparse", "CamGeo") for c in range(30)]
+    write_per_clip(tmp_path / "part.csv", rows)
+    rot = evaluate.paired_differences(evaluate.read_per_clip([tmp_path / "part.csv"]))[-1].split(" | ")[3]
+    low, high = (float(x) for x in rot.split("[")[1].rstrip("]").split(", "))
+    assert low < 0 < high
+
+
+def test_combine_writes_one_table_from_several_parts(tmp_path):
+    for seed in (0, 1):
+        write_per_clip(tmp_path / f"p{seed}.csv", [(m, "1/2", seed, c, 0.5) for m in ("Sparse", "CamGeo")
+                                                   for c in range(3)])
+    evaluate.main(["--combine", str(tmp_path / "p0.csv"), str(tmp_path / "p1.csv"), "--out", str(tmp_path / "all")])
+    table = open(tmp_path / "all" / "table.md").read()
+    assert "| CamGeo | 1/2 |" in table and "CamGeo − Sparse" in table
+
+
+def test_combine_rejects_a_file_that_is_not_per_clip_results(tmp_path):
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="not a per-clip results file"):
+        evaluate.main(["--combine", str(tmp_path / "other.csv"), "--out", str(tmp_path)])
