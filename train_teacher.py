@@ -72,7 +72,7 @@ def render_split(split, count, num_frames, size):
     items = [clips[i] for i in tqdm(range(count), desc=f"rendering {split} clips", leave=False)]
     return {"video": (torch.stack([c["video"] for c in items]) * 255).round().to(torch.uint8),
             "depth": torch.stack([c["depth"] for c in items]), "w2c": torch.stack([c["w2c"] for c in items]),
-            "K": torch.stack([c["K"] for c in items])}
+            "K": torch.stack([c["K"] for c in items]), "prompt": [c["prompt"] for c in items]}
 
 
 def train_small_teacher(args):
@@ -91,7 +91,7 @@ def train_small_teacher(args):
     progress = tqdm(range(args.steps), desc="training small teacher")
     for step in progress:
         index = torch.randint(args.train_clips, (args.batch_size,), generator=generator)
-        batch = {k: v[index] for k, v in cache.items()}
+        batch = {k: v[index] for k, v in cache.items() if k != "prompt"}
         # Half the clips play backwards: a different first frame, so new relative poses for free.
         backwards = torch.rand(args.batch_size, generator=generator) < 0.5
         for k in ("video", "depth", "w2c"):
@@ -125,10 +125,36 @@ def rotation_angle_deg(R):
     return torch.rad2deg(2 * torch.atan2(q[..., :3].norm(dim=-1), q[..., 3]))
 
 
-def evaluate_teacher(model, clips, cameras, degraded=False, batch_size=16):
+def degraded_frames(video, batch, start):
+    """Frames made to look generated (estimator.degrade: blur, colour cast, noise), one seed per clip."""
+    import estimator
+    return torch.stack([estimator.degrade(v, torch.Generator().manual_seed(start + i)) for i, v in enumerate(video)])
+
+
+def student_predictions(student_path, t):
+    """-> frames function: a CamGeo student's one-step clean-video prediction x0_hat from x_t at flow time t,
+    conditioned as it was trained (its method and keyframe ratio), for the teacher to read as in training."""
+    import camgeo
+    student, info = camgeo.load_checkpoint(student_path)
+    method, ratio = info["method"], info["options"].get("sparse", 0.5)
+
+    @torch.no_grad()
+    def frames(video, batch, start):
+        size = video.shape[-1]
+        camera, _, _ = camgeo.camera_inputs(batch["w2c"], batch["K"], method, ratio, height=size, width=size)
+        noise = torch.randn(video.shape, generator=torch.Generator().manual_seed(start))
+        x0 = video * 2 - 1
+        x_t = (1 - t) * x0 + t * noise
+        x0_hat = student(x_t, torch.full((video.shape[0],), t), x0[:, 0], batch["prompt"], camera)
+        return ((x0_hat + 1) / 2).clamp(0, 1)
+
+    return frames
+
+
+def evaluate_teacher(model, clips, cameras, frames=None, batch_size=16):
     """Per-frame errors of the teacher's `cameras` ("head" or "aligned") and depth, and of trivial baselines,
-    on clips (dict of stacked tensors); degraded: the frames are first made to look generated
-    (estimator.degrade: blur, colour cast, noise), as the student's predictions are.
+    on clips (dict of stacked tensors); frames(video, batch, start), if given, replaces each batch's frames
+    (degraded_frames, student_predictions) while the scores stay against the true clip.
 
     rotation: angle of R_gt^T R_pred, poses relative to frame 0 (baseline: identity);
     translation direction: angle between camera-0-relative centres (baseline: straight forward),
@@ -136,16 +162,13 @@ def evaluate_teacher(model, clips, cameras, degraded=False, batch_size=16):
       (baseline: a constant depth); horizontal field of view error (baseline: the data's mid FoV).
     The aligned cameras use the true intrinsics, as in training, so their FoV error is zero by construction.
     """
-    import estimator
-
     model = freeze(model)
     sums = {}
     for start in range(0, clips["video"].shape[0], batch_size):
         batch = {k: v[start:start + batch_size] for k, v in clips.items()}
         video = batch["video"].float() / 255
-        if degraded:
-            video = torch.stack([estimator.degrade(v, torch.Generator().manual_seed(start + i))
-                                 for i, v in enumerate(video)])
+        if frames is not None:
+            video = frames(video, batch, start)
         B, Fr, _, H, W = video.shape
         intrinsics = batch["K"] if cameras == "aligned" else None
         with torch.no_grad():
@@ -177,24 +200,28 @@ def evaluate_teacher(model, clips, cameras, degraded=False, batch_size=16):
     return {key: torch.cat(v) for key, v in sums.items()}
 
 
+STUDENT_TIMES = (0.2, 0.4)  # flow times at which the teacher reads a student's predictions (--student)
 BASELINES = {"rotation_deg": "identity rotation", "translation_dir_deg": "constant forward direction",
              "depth_absrel": "constant depth", "fov_deg": "constant 60 deg FoV"}
 
 
-def eval_table(model, clips):
-    """Markdown: every metric for the head's and the aligned cameras on clean and degraded frames, with the
-    baseline and the teacher / baseline ratio of the means."""
+def eval_table(model, clips, student=None):
+    """Markdown: every metric for the head's and the aligned cameras on clean and degraded frames (and on a
+    student's predictions x0_hat at t = 0.2 and 0.4), with the baseline and the teacher / baseline ratio."""
     num_clips = clips["video"].shape[0]
     lines = [f"| metric ({num_clips} test clips) | frames | cameras | teacher mean | teacher median | baseline mean "
              "| teacher / baseline | frames scored |", "|---|---|---|---|---|---|---|---|"]
-    for degraded in (False, True):
-        errors = {cameras: evaluate_teacher(model, clips, cameras, degraded) for cameras in ("head", "aligned")}
+    conditions = {"clean": None, "degraded": degraded_frames}
+    if student:
+        conditions.update({f"student x0_hat, t = {t}": student_predictions(student, t) for t in STUDENT_TIMES})
+    for condition, frames in conditions.items():
+        errors = {cameras: evaluate_teacher(model, clips, cameras, frames) for cameras in ("head", "aligned")}
         for name, baseline in BASELINES.items():
             for cameras, result in errors.items():
                 if name == "depth_absrel" and cameras == "aligned":
                     continue  # the same depth maps as the head row
                 t, b = result[(name, "teacher")], result[(name, "baseline")]
-                lines.append(f"| {name} (baseline: {baseline}) | {'degraded' if degraded else 'clean'} | "
+                lines.append(f"| {name} (baseline: {baseline}) | {condition} | "
                              f"{cameras if name != 'depth_absrel' else '—'} | {t.mean():.3f} | {t.median():.3f} | "
                              f"{b.mean():.3f} | {t.mean() / b.mean():.0%} | {t.numel()} |")
     return "\n".join(lines)
@@ -204,6 +231,9 @@ def main():
     parser = argparse.ArgumentParser(description="Train the small VGGT teacher on synthetic clips (the default), "
                                                  "or evaluate a teacher checkpoint (--eval).")
     parser.add_argument("--eval", metavar="CHECKPOINT", help="evaluate a teacher checkpoint on the test split")
+    parser.add_argument("--student", metavar="CKPT",
+                        help="--eval: also on this student's predictions x0_hat at t = 0.2 and 0.4 (what the teacher "
+                             "reads in training)")
     parser.add_argument("--out", default="teacher_small.safetensors", help="where training writes the teacher")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -221,7 +251,7 @@ def main():
     if args.eval:
         model = load_vggt(args.eval)
         clips = render_split("test", args.eval_clips, args.frames, model.config.img_size)
-        print(eval_table(model, clips))
+        print(eval_table(model, clips, args.student))
     else:
         started = time.time()
         train_small_teacher(args)
