@@ -490,13 +490,16 @@ def draw_frames(clips, named_videos, path, scale=3):
 # Command line
 
 
-def check_camera_following(ckpt, num_clips, sample_steps, cfg_scale, device, frames_png=None):
+def check_camera_following(ckpt, num_clips, sample_steps, cfg_scale, device, frames_png=None, estimate=False,
+                           workers=1):
     """Does a checkpoint follow the cameras it is given? A quick check, no camera estimation: PSNR and SSIM
     against the ground truth (frames 1..F-1; keyframes and in-between frames apart) of its samples on held-out
     clips with their own cameras and with another clip's cameras (each clip takes the next one's: the image and
     prompt stay, only the camera is wrong), next to simply repeating the reference frame and to the guess the
     model starts from (camgeo.reference_guess). Returns Markdown;
-    frames_png: also draw the first four clips (ground truth, own cameras, another clip's cameras)."""
+    frames_png: also draw the first four clips (ground truth, own cameras, another clip's cameras); estimate: also
+    estimate the camera path of the samples with their own cameras (estimator.py, as the study does) and report
+    RotErr / TransErr / CamMC, next to those of repeating the reference (a camera that does not move)."""
     model, info = camgeo.load_checkpoint(ckpt, weights="ema", device=device)
     config, method = info["config"], info["method"]
     ratio = info["options"].get("sparse", 0.5)
@@ -526,6 +529,11 @@ def check_camera_following(ckpt, num_clips, sample_steps, cfg_scale, device, fra
         cells = [f"{metric(video[:, frames], truth[:, frames]).item():.{digits}f}"
                  for frames in groups.values() for metric, digits in ((geometry.psnr, 2), (geometry.ssim, 3))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if estimate:
+        lines += ["", "| video | RotErr | TransErr | CamMC |", "|---|---|---|---|"]
+        for name in ("repeat the reference frame", "samples, own cameras"):
+            _, metrics = score(clips, videos[name], STUDY_PRESETS["cpu"].estimator_config, workers)
+            lines.append(f"| {name} | " + " | ".join(summarise(metrics[:, i].tolist()) for i in range(3)) + " |")
     return "\n".join(lines)
 
 
@@ -628,6 +636,8 @@ def parse_args(argv=None):
                              "seed each) into OUT/table.md and OUT/table.csv, with the paired CamGeo - Sparse "
                              "differences and their bootstrap intervals")
     parser.add_argument("--cfg", type=float, default=1.0, help="--check: guidance scale")
+    parser.add_argument("--estimate", action="store_true",
+                        help="--check: also estimate the camera path of the samples (RotErr, TransErr, CamMC; slow)")
     parser.add_argument("--frames", type=int, default=8, help="--validate: frames per clip")
     parser.add_argument("--size", type=int, default=32, help="--validate: pixels")
     args = parser.parse_args(argv)
@@ -670,7 +680,7 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         frames_png = os.path.join(args.out, "check_frames.png")
         print(check_camera_following(args.check, args.clips or 16, args.sample_steps or 25, args.cfg, args.device,
-                                     frames_png))
+                                     frames_png, args.estimate, args.workers))
         print(f"-> {frames_png}")
         return
     run_study(args)

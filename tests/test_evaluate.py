@@ -212,3 +212,13 @@ def test_combine_rejects_a_file_that_is_not_per_clip_results(tmp_path):
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="not a per-clip results file"):
         evaluate.main(["--combine", str(tmp_path / "other.csv"), "--out", str(tmp_path)])
+
+
+def test_check_with_estimate_scores_the_camera_path_of_the_samples(smoke_study, tmp_path, capsys):
+    ckpt = os.path.join(smoke_study, "ckpt", "sparse_0.5_0", "ckpt.safetensors")
+    evaluate.main(["--check", ckpt, "--clips", "2", "--sample-steps", "2", "--estimate", "--out", str(tmp_path)])
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "RotErr" not in line and "---" not in line}
+    still = float(rows["repeat the reference frame"].split(" | ")[1].split(" ")[0])
+    # the camera table is printed last, so its row of that name is kept: a still camera misses the requested motion
+    assert still > 0 and "samples, own cameras" in rows
