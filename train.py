@@ -134,6 +134,9 @@ def parse_args(argv=None):
     distillation.add_argument("--eta", type=float, default=distill.GEO_ETA)
     distillation.add_argument("--smoothness-weight", type=float, default=distill.GEO_SMOOTHNESS_WEIGHT,
                          help="0: the w/o smoothness ablation")
+    parser.add_argument("--log-term-gradients", type=int, default=0, metavar="N",
+                        help="camgeo: every N steps also log the gradient norm of each loss term (3 extra backward "
+                             "passes; 0: never)")
     # hidden, for tests: a NaN loss at step N; stop right after step N as if killed (a checkpoint is written)
     parser.add_argument("--debug-nan-at-step", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--debug-stop-at-step", type=int, default=None, help=argparse.SUPPRESS)
@@ -407,6 +410,26 @@ def step_losses(args, model, teacher_model, geometry_loss, batch, step, generato
     return loss, terms
 
 
+def term_gradient_norms(model, terms, args):
+    """The gradient norm each weighted term of L_total sends to the student's parameters, before clipping:
+    {grad_diff, grad_traj, grad_geo}. Three extra backward passes through the step's graph (kept for the real
+    one), so only every --log-term-gradients steps; it shows which term steers the updates."""
+    alpha, beta = terms["alpha"], terms["beta"]
+    geo_factor = beta if args.geo_gate == "beta" else 1.0
+    weighted = {"grad_diff": terms["loss_diff"], "grad_traj": alpha * (1 - beta) * args.traj_weight * terms["loss_traj"],
+                "grad_geo": alpha * geo_factor * args.geo_weight * terms["loss_geo"]}
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    norms = {}
+    for name, value in weighted.items():
+        if not torch.is_tensor(value) or not value.requires_grad:
+            norms[name] = 0.0
+            continue
+        gradients = torch.autograd.grad(value, parameters, retain_graph=True, allow_unused=True)
+        norms[name] = torch.sqrt(sum((g.pow(2).sum() for g in gradients if g is not None),
+                                     torch.zeros(()))).item()
+    return norms
+
+
 # -----------------------------------------------------------------------------
 # the loop
 
@@ -488,6 +511,8 @@ def train_process(args, rank, world_size):
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if finite.item() == 0:
             stop_on_non_finite(f"loss is {loss.item()}", step, terms, args)
+        if args.log_term_gradients and (step + 1) % args.log_term_gradients == 0 and args.method == "camgeo":
+            terms.update(term_gradient_norms(raw_model, terms, args))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), GRAD_CLIP)

@@ -409,3 +409,14 @@ def test_torchrun_with_two_processes_trains_with_ddp_and_rank_zero_saves(tmp_pat
     _, info = camgeo.load_checkpoint(os.path.join(out, train.CKPT_NAME))
     assert info["method"] == "camgeo" and info["step"] == 2
     assert len(torch.load(os.path.join(out, train.TRAIN_STATE_NAME), weights_only=True)["rng"]) == 2
+
+
+def test_term_gradient_norms_are_logged_and_add_up_to_the_step_gradient(tmp_path, teacher_path):
+    out = smoke_run(tmp_path, "camgeo", steps=2, extra=("--no-warmup", "--distill-target", "truth",
+                                                        "--teacher-fraction", "1", "--log-term-gradients", "1"),
+                    teacher_file=teacher_path)
+    for record in read_log(out):
+        parts = [record["grad_diff"], record["grad_traj"], record["grad_geo"]]
+        assert all(p >= 0 for p in parts) and record["grad_diff"] > 0
+        # the norm of a sum is at most the sum of the norms (before clipping, which only scales down)
+        assert record["grad_norm"] <= sum(parts) * (1 + 1e-4)
