@@ -555,10 +555,13 @@ def run_study(args):
     model_config = camgeo.PRESETS[preset.train_preset]
     clips = held_out_clips(preset.clips, model_config.num_frames, model_config.image_size)
     runs = plan_runs(args.methods, preset.ratios, preset.seeds, preset.ablations and "camgeo" in args.methods)
-    results = {}
-    for run in runs:
-        ckpt = ensure_checkpoint(run, preset, args.out, args.device, args.threads)
-        results[run.name] = evaluate_run(run, ckpt, clips, preset, args.out, args.device, args.workers)
+    # Trainings are subprocesses: --jobs of them run at once (threads here only wait for them), then each run
+    # is sampled and scored in turn.
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        checkpoints = list(pool.map(lambda run: ensure_checkpoint(run, preset, args.out, args.device, args.threads),
+                                    runs))
+    results = {run.name: evaluate_run(run, ckpt, clips, preset, args.out, args.device, args.workers)
+               for run, ckpt in zip(runs, checkpoints)}
     floors = [Run(GT_RUN, "", 1.0, 0, (), "Ground-truth video (estimator floor)"),
               Run(DEGRADED_RUN, "", 1.0, 0, (), "Degraded ground-truth video (estimator floor)")]
     for run in floors:
@@ -622,6 +625,8 @@ def parse_args(argv=None):
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, here and in train.py")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="trainings run at once (each with --threads threads; e.g. 2 x 1 on a 2-core machine)")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes estimating cameras in parallel (CPU; e.g. 8 on a 16-core GPU machine)")
     parser.add_argument("--validate", action="store_true",

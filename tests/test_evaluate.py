@@ -222,3 +222,12 @@ def test_check_with_estimate_scores_the_camera_path_of_the_samples(smoke_study, 
     still = float(rows["repeat the reference frame"].split(" | ")[1].split(" ")[0])
     # the camera table is printed last, so its row of that name is kept: a still camera misses the requested motion
     assert still > 0 and "samples, own cameras" in rows
+
+
+def test_study_trains_several_runs_at_once_with_jobs(tmp_path):
+    evaluate.main(["--preset", "smoke", "--methods", "sparse,full", "--jobs", "2", "--out", str(tmp_path)])
+    with open(tmp_path / "per_clip.csv") as f:
+        runs = {row["run"] for row in csv.DictReader(f)}
+    assert {"sparse_0.5_0", "full_1_0"} <= runs
+    for name in ("sparse_0.5_0", "full_1_0"):
+        assert os.path.isfile(tmp_path / "ckpt" / name / "ckpt.safetensors")
