@@ -10,6 +10,8 @@
     python train.py --smoothness-weight 0             # CamGeo ablations: w/o smoothness,
     python train.py --no-warmup                       #   w/o warm-up,
     python train.py --schedule linear                 #   linear instead of sigmoid schedules
+    python train.py --distill-target truth            # the paper's printed target: the true keyframe poses
+    python train.py --teacher-cameras head            # the teacher's camera head instead of its aligned cameras
     python train.py --preset smoke --steps 20         # seconds, for tests
     python train.py --preset gpu --device cuda        # the larger model on one GPU
     torchrun --standalone --nproc_per_node=2 train.py --preset smoke   # DistributedDataParallel (gloo on CPU,
@@ -23,11 +25,12 @@ ckpt.safetensors (the student only: weights "model.*" and EMA weights "ema.*"; c
 as JSON in the safetensors metadata; the teacher is never saved), train_state.pt (step, AdamW state and the
 random-number states of every rank: what --resume needs to continue exactly as an uninterrupted run would;
 loadable with torch.load(weights_only=True)) and log.jsonl (one line per step: the loss and each of its terms,
-alpha and beta of the curriculum, lr, grad norm). sample.py reads ckpt.safetensors and never the teacher.
+alpha and beta of the curriculum, lr, grad norm; with --log-term-gradients N, every N steps the gradient norm
+of each term). sample.py reads ckpt.safetensors and never the teacher.
 
 Camera conditioning per method (keyframes: camgeo.camera_inputs):
   camgeo / sparse  poses at the keyframes only, keyframe mask 1 there and 0 elsewhere (the model sees what is
-          missing); camgeo adds the teacher's losses on the predicted video (CamGeo distillation in camgeo.py)
+          missing); camgeo adds the teacher's losses on the predicted video (the CamGeo distillation, distill.py)
   full    every pose, mask all ones
   linear / slerp  keyframe poses interpolated to every frame (geometry.interpolate_trajectory), then given as if
           known, mask all ones: that is what those baselines do, so the model cannot tell interpolated from real.
