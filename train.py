@@ -480,7 +480,12 @@ def train_process(args, rank, world_size):
     teacher_model, geometry_loss = None, None
     if args.method == "camgeo":
         teacher_model = load_teacher(args.teacher, device)
-        geometry_loss = make_geometry_loss(args.compile)
+        # --log-term-gradients backpropagates each term through the step's graph before the real backward; a
+        # compiled backward frees its buffers on first use, so the logged runs use the eager L_geo
+        use_compile = args.compile and not args.log_term_gradients
+        if args.compile and args.log_term_gradients and master:
+            print("note: --log-term-gradients runs L_geo eagerly (a compiled backward cannot be repeated)")
+        geometry_loss = make_geometry_loss(use_compile)
     model = raw_model
     if world_size > 1:
         model = DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
