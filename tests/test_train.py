@@ -412,12 +412,9 @@ def test_torchrun_with_two_processes_trains_with_ddp_and_rank_zero_saves(tmp_pat
 
 
 def test_term_gradient_norms_are_logged_and_add_up_to_the_step_gradient(tmp_path, teacher_path):
-    args = smoke_args(tmp_path, "camgeo", steps=2, extra=("--no-warmup", "--distill-target", "truth",
-                                                          "--teacher-fraction", "1", "--log-term-gradients", "1"),
-                      teacher_file=teacher_path)
-    args.compile = True  # as a user runs it: the compiled L_geo would not survive the extra backward passes
-    train.train(args)
-    out = args.out
+    out = smoke_run(tmp_path, "camgeo", steps=2, extra=("--no-warmup", "--distill-target", "truth",
+                                                        "--teacher-fraction", "1", "--log-term-gradients", "1"),
+                    teacher_file=teacher_path)
     for record in read_log(out):
         parts = [record["grad_diff"], record["grad_traj"], record["grad_geo"]]
         assert all(p >= 0 for p in parts) and record["grad_diff"] > 0
