@@ -128,13 +128,11 @@ def intrinsics_vector(K):
 
 def keyframe_relative_c2w(w2c, keyframe_mask):
     """w2c (B, F, 3|4, 4) -> c2w (B, F, 4, 4) relative to frame 0 (c2w_0 = I), translations divided by the
-    largest camera-centre norm among the keyframes (keyframe_mask (B, F)), floored at TRANSLATION_SCALE_FLOOR.
-    The one normalisation of the poses the student is given and of the trajectories L_traj compares."""
-    c2w = geometry.relative_to_first(geometry.invert_pose(geometry.to_homogeneous(w2c)))
-    translation = c2w[..., :3, 3]  # (B, F, 3)
-    scale = (translation.norm(dim=-1) * keyframe_mask).amax(dim=-1).clamp_min(TRANSLATION_SCALE_FLOOR)  # (B,)
-    return torch.cat([torch.cat([c2w[..., :3, :3], (translation / scale[:, None, None])[..., None]], -1),
-                      c2w[..., 3:, :]], dim=-2)
+    largest camera-centre norm among the keyframes (keyframe_mask (B, F)), floored at TRANSLATION_SCALE_FLOOR:
+    the normalisation of the poses the student is given (only given poses may set the scale)."""
+    centres = geometry.relative_to_first(geometry.invert_pose(geometry.to_homogeneous(w2c)))[..., :3, 3]
+    scale = (centres.norm(dim=-1) * keyframe_mask).amax(dim=-1).clamp_min(TRANSLATION_SCALE_FLOOR)  # (B,)
+    return geometry.scaled_relative_c2w(w2c, scale)
 
 
 # Channels of the camera input (camera_conditioning): Plücker [o x d, d], where each ray meets the reference

@@ -93,13 +93,6 @@ def scene_scale(depth):
     return depth[:, 0].flatten(1).median(dim=1).values.clamp(min=geometry.DEPTH_EPS)
 
 
-def relative_w2c(w2c, scale):
-    """w2c (B, F, 3|4, 4) -> w2c (B, F, 4, 4) relative to frame 0, translations divided by scale (B,)."""
-    c2w = geometry.relative_to_first(geometry.invert_pose(geometry.to_homogeneous(w2c)))
-    centres = c2w[..., :3, 3:] / scale[:, None, None, None]
-    return geometry.invert_pose(torch.cat([c2w[..., :3, :3], centres], dim=-1))
-
-
 def trajectory_loss(pred_w2c, pred_K, target_w2c, target_K, keyframe_mask, image_size_hw, pred_scale,
                     target_scale, use_intrinsics=False):
     """Keyframe trajectory distillation, per clip (B,):
@@ -120,8 +113,10 @@ def trajectory_loss(pred_w2c, pred_K, target_w2c, target_K, keyframe_mask, image
                          f"{tuple(pred_w2c.shape)} and target {tuple(target_w2c.shape)} poses disagree on (B, F)")
     if target_K.dim() == 3:
         target_K = target_K[:, None].expand(-1, target_w2c.shape[1], 3, 3)
-    pred = geometry.extri_intri_to_pose_encoding(relative_w2c(pred_w2c, pred_scale), pred_K, image_size_hw)
-    target = geometry.extri_intri_to_pose_encoding(relative_w2c(target_w2c, target_scale), target_K, image_size_hw)
+    pred_w2c = geometry.invert_pose(geometry.scaled_relative_c2w(pred_w2c, pred_scale))
+    target_w2c = geometry.invert_pose(geometry.scaled_relative_c2w(target_w2c, target_scale))
+    pred = geometry.extri_intri_to_pose_encoding(pred_w2c, pred_K, image_size_hw)
+    target = geometry.extri_intri_to_pose_encoding(target_w2c, target_K, image_size_hw)
     q_pred, q_target = pred[..., 3:7], target[..., 3:7]  # (B, F, 9) encodings: T, quaternion, two FoVs
     q_pred = torch.where((q_pred * q_target).sum(-1, keepdim=True) < 0, -q_pred, q_pred)
     error = (pred[..., :3] - target[..., :3]).abs().sum(-1) + (q_pred - q_target).abs().sum(-1)  # (B, F)

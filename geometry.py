@@ -205,6 +205,14 @@ def relative_to_first(c2w):
     return invert_pose(c2w[..., :1, :, :]) @ c2w
 
 
+def scaled_relative_c2w(w2c, scale):
+    """w2c (B, F, 3|4, 4) -> c2w (B, F, 4, 4) relative to frame 0 (c2w_0 = I), camera centres divided by
+    scale (B,): trajectories whose own unit is unknown, expressed in a unit the caller chooses."""
+    c2w = relative_to_first(invert_pose(to_homogeneous(w2c)))
+    centres = c2w[..., :3, 3:] / scale[:, None, None, None]
+    return to_homogeneous(torch.cat([c2w[..., :3, :3], centres], dim=-1))
+
+
 def normalize_translation(c2w):
     """c2w (..., F, 4, 4) -> same poses with translations divided by the trajectory's largest
     translation norm max_f |t_f|_2 (left unchanged if that is ~0). Scale-free camera positions."""

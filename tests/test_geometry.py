@@ -792,3 +792,13 @@ def test_sample_at_survives_nan_and_far_away_coordinates_in_backward():
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(image.grad).all() and torch.isfinite(uv.grad).all()
     assert out[0, 0, 0, 2] == image[0, 0, 3, 3]  # an ordinary coordinate is untouched: the centre of pixel (3, 3)
+
+
+def test_scaled_relative_c2w_puts_frame_zero_at_identity_and_divides_the_centres():
+    c2w = random_c2w(6, seed=31).reshape(2, 3, 4, 4)
+    scale = torch.tensor([2.0, 0.5], dtype=torch.float64)
+    out = g.scaled_relative_c2w(g.invert_pose(c2w), scale)
+    relative = g.relative_to_first(c2w)
+    torch.testing.assert_close(out[:, 0], torch.eye(4, dtype=torch.float64).expand(2, 4, 4))
+    torch.testing.assert_close(out[..., :3, :3], relative[..., :3, :3])
+    torch.testing.assert_close(out[..., :3, 3], relative[..., :3, 3] / scale[:, None, None])
