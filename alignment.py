@@ -12,7 +12,7 @@ then chained into w2c poses relative to frame 0.
 Gradients reach the frames, the depth and K, so losses on these cameras train the student. By
 default the solver runs detached and only its last steps keep the graph (see `align_cameras`).
 
-Conventions (DESIGN.md section 2): OpenCV cameras, w2c extrinsics, K in pixels, pixel centres at
+Conventions (README.md, Conventions): OpenCV cameras, w2c extrinsics, K in pixels, pixel centres at
 (j + 0.5, i + 0.5); translations come out in the depth's units. Pure functions, no I/O.
 """
 from dataclasses import dataclass

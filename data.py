@@ -18,7 +18,7 @@ s = i / (F - 1) (a one-frame clip is s = 0). num_frames therefore changes only h
 same path is sampled, and height / width change only the pixel grid: the same seed gives the same
 scene, path and field of view at any clip length and resolution.
 
-Public API (see CONTRACT.md): render_clip, SyntheticClips, read_re10k_cameras, write_re10k_clip,
+Public API: render_clip, SyntheticClips, read_re10k_cameras, write_re10k_clip,
 RE10KClips. Lower-level pieces used by the tests: sample_world (scene + path without rendering),
 object_clearance, render.
 
@@ -600,7 +600,7 @@ def read_re10k_cameras(path):
 
     Returns dict(url str, timestamps (F,) int64, intrinsics_normalised (F, 4) float32 [fx, fy, cx, cy]
     divided by width / height, w2c (F, 4, 4) float32). K_normalised is the same tensor under the
-    name CONTRACT.md uses. Malformed files raise ValueError naming the file and line.
+    name sample.py uses. Malformed files raise ValueError naming the file and line.
     """
     with open(path) as f:
         lines = f.read().splitlines()

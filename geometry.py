@@ -6,7 +6,7 @@ camera conditioning), keyframe trajectory interpolation (the Linear / SLERP base
 projection and warping with validity masks (the cross-frame consistency loss), camera metrics
 (RotErr / TransErr / CamMC) and image metrics (PSNR / SSIM).
 
-Conventions (DESIGN.md section 2): OpenCV cameras (x right, y down, z forward); extrinsics are
+Conventions (README.md, Conventions): OpenCV cameras (x right, y down, z forward); extrinsics are
 world->camera (w2c), c2w is their inverse; quaternions are XYZW with w >= 0; pixel (row i, col j)
 has its centre at (u, v) = (j + 0.5, i + 0.5); K is in pixels of the image it describes; depth is
 z along the optical axis. Every function is batched over leading dims, works in float32 and

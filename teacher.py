@@ -585,8 +585,8 @@ def teacher_geometry(model, video, cameras=None, intrinsics=None, alignment_conf
     elif intrinsics.shape[-2:] != (3, 3) or intrinsics.shape[0] != B or intrinsics.dim() not in (3, 4):
         raise ValueError(f"intrinsics must be (B, 3, 3) or (B, F, 3, 3) for B = {B}, got {tuple(intrinsics.shape)}")
     else:
-        intrinsics = intrinsics.to(video.dtype).expand(B, Fr, 3, 3) if intrinsics.dim() == 4 else \
-            intrinsics[:, None].to(video.dtype).expand(B, Fr, 3, 3)
+        per_frame = intrinsics if intrinsics.dim() == 4 else intrinsics[:, None]
+        intrinsics = per_frame.to(video.dtype).expand(B, Fr, 3, 3)
     depth = torch.stack([out["depth"][..., 0], out["depth_conf"]], dim=2).flatten(0, 1)  # (B*F, 2, h, w)
     if size != (H, W):
         depth = F.interpolate(depth, size=(H, W), mode="bilinear", align_corners=False)
