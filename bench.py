@@ -250,7 +250,8 @@ def bench_steps(teacher_model, device, batch_size, config, repeats, use_compile)
     ratio = times["camgeo"] / times["sparse"]
     print(f"\n## training step, cpu preset, batch {batch_size}: the teacher sees at most "
           f"{math.ceil(distill.TEACHER_BATCH_FRACTION * batch_size)} of the {batch_size} clips (gated by noise level)")
-    print("| Sparse step | CamGeo step (defaults: aligned cameras, teacher-consistent target) | ratio (target <= 1.5) |")
+    print("| Sparse step | CamGeo step (defaults: aligned cameras, teacher-consistent target) "
+          "| ratio (target <= 1.5) |")
     print("|---|---|---|")
     print(f"| {times['sparse'] * 1e3:.0f} ms | {times['camgeo'] * 1e3:.0f} ms | {ratio:.2f}x |")
     return ratio

@@ -135,12 +135,11 @@ def keyframe_relative_c2w(w2c, keyframe_mask):
     return geometry.scaled_relative_c2w(w2c, scale)
 
 
-# Channels of the camera input (camera_conditioning): Plücker [o x d, d], where each ray meets the reference
-# image (reference_grid, grid_sample coordinates), and the keyframe mask.
-PLUCKER_CHANNELS = slice(0, 6)
+# Channels of the camera input (camera_conditioning): Plücker [o x d, d] (0-5), where each ray meets the
+# reference image (reference_grid, grid_sample coordinates), and the keyframe mask.
 GRID_CHANNELS = slice(6, 8)
 MASK_CHANNELS = slice(8, 9)
-CAMERA_CHANNELS = 9
+CAMERA_CHANNELS = MASK_CHANNELS.stop
 
 
 def reference_grid(directions, K_reference):

@@ -272,8 +272,9 @@ def distillation_losses(teacher_model, geometry_loss, out, batch, keyframe_mask,
     Clips pass the gate by their flow time (teacher_weight) and only if their camera was not dropped for
     guidance (with no camera given there is no trajectory to follow), at most --teacher-fraction of the batch
     (select_teacher_clips). The teacher sees x0_hat through teacher_frames and resizes it to its own patch
-    multiple (teacher.teacher_geometry); its parameters are frozen, the gradient flows through it to x0_hat. With --distill-target teacher it also reads the real clip (no gradient) and that reading is the
-    target: L_traj between the two trajectories, and L_geo only by how much x0_hat is less consistent than x0.
+    multiple (teacher.teacher_geometry); its parameters are frozen, the gradient flows through it to x0_hat.
+    With --distill-target teacher it also reads the real clip (no gradient) and that reading is the target:
+    L_traj between the two trajectories, and L_geo only by how much x0_hat is less consistent than x0.
     """
     B = out["t"].shape[0]
     weights = teacher_weight(out["t"], args.teacher_t_max, args.teacher_gate) * ~out["camera_drop"]

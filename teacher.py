@@ -551,7 +551,8 @@ def teacher_geometry(model, video, cameras=None, intrinsics=None, alignment_conf
     """Run the teacher on frames of any size and return geometry in the input's pixels.
 
     video (B, F, 3, H, W) or (F, 3, H, W) in [0, 1] -> dict (batch dims as given):
-      pose_enc (B, F, 9) (the head's, FoV clamped), extrinsics (B, F, 4, 4) w2c relative to frame 0 (teacher's own scale),
+      pose_enc (B, F, 9) (the head's, FoV clamped), extrinsics (B, F, 4, 4) w2c relative to frame 0 (teacher's
+      own scale),
       intrinsics (B, F, 3, 3) in pixels of H x W, depth (B, F, H, W), depth_conf (B, F, H, W).
     cameras: "head" (the camera head, FoV clamped to FOV_RANGE_DEG), "aligned" (alignment.align_cameras:
     direct alignment of consecutive frames through the teacher's depth, started from the head's cameras; VGGT's

@@ -419,7 +419,8 @@ def term_gradient_norms(model, terms, args):
     one), so only every --log-term-gradients steps; it shows which term steers the updates."""
     alpha, beta = terms["alpha"], terms["beta"]
     geo_factor = beta if args.geo_gate == "beta" else 1.0
-    weighted = {"grad_diff": terms["loss_diff"], "grad_traj": alpha * (1 - beta) * args.traj_weight * terms["loss_traj"],
+    weighted = {"grad_diff": terms["loss_diff"],
+                "grad_traj": alpha * (1 - beta) * args.traj_weight * terms["loss_traj"],
                 "grad_geo": alpha * geo_factor * args.geo_weight * terms["loss_geo"]}
     parameters = [p for p in model.parameters() if p.requires_grad]
     norms = {}

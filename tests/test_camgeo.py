@@ -95,7 +95,8 @@ def test_new_model_predicts_the_reference_resampled_along_the_given_rays():
     for frame in range(F):
         expected = video[:, 0]
         if frame != 1:
-            expected = torch.nn.functional.grid_sample(video[:, 0], camera[:, frame, camgeo.GRID_CHANNELS].permute(0, 2, 3, 1),
+            grid = camera[:, frame, camgeo.GRID_CHANNELS].permute(0, 2, 3, 1)
+            expected = torch.nn.functional.grid_sample(video[:, 0], grid,
                                                        padding_mode="border", align_corners=False)
         torch.testing.assert_close(x0_hat[:, frame], expected)
     assert not torch.allclose(x0_hat[:, 2], video[:, 0], atol=1e-3)  # not vacuous: the random pose moves it

@@ -256,8 +256,9 @@ def gated_total(terms, traj_weight=1.0, geo_weight=1.0):
     (("--schedule", "linear"), lambda loss, terms: (terms["alpha"], terms["beta"]) == distill.curriculum_weights(
         6, 10, "linear") and torch.allclose(loss, gated_total(terms))),
     (("--smoothness-weight", "0"), lambda loss, terms: terms["loss_geo"] == terms["loss_geo_depth"]),
-    (("--geo-gate", "printed"), lambda loss, terms: torch.allclose(loss, terms["loss_diff"] + terms["alpha"] * (
-        (1 - terms["beta"]) * terms["loss_traj"] + terms["loss_geo"])) and not torch.allclose(loss, gated_total(terms))),
+    (("--geo-gate", "printed"), lambda loss, terms: not torch.allclose(loss, gated_total(terms))
+     and torch.allclose(loss, terms["loss_diff"] + terms["alpha"] * ((1 - terms["beta"]) * terms["loss_traj"]
+                                                                     + terms["loss_geo"]))),
     (("--traj-weight", "3", "--geo-weight", "0.5"), lambda loss, terms: torch.allclose(loss, gated_total(terms, 3, 0.5))
      and not torch.allclose(loss, gated_total(terms))),
 ])
