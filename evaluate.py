@@ -173,10 +173,10 @@ STUDY_PRESETS = {
     "smoke": StudyPreset("smoke", 4, 2, (0.5,), (0,), False, 2, 2.0,
                          estimator.EstimatorConfig(blur_levels=(2.0, 0.0), iterations_per_level=3),
                          ("--num-clips", "8", "--num-workers", "0"), plot_clips=2),
-    # hours on 2 CPU cores: 12 trainings of train.py's cpu preset (~20 min each; 9 with --no-ablations), then
-    # 14 x 8 videos to sample (~3 s each) and estimate (~25 s each): about 5 hours in all
-    "cpu": StudyPreset("cpu", None, 8, (0.5, 0.25), (0,), True, 25, 2.0, estimator.EstimatorConfig(),
-                       ("--num-clips", "1024")),  # half train.py's pool: rendering it is a tenth of a run
+    # hours on 2 CPU cores: 12 trainings of train.py's cpu preset (25-40 min each at one thread, two at a time with
+    # --jobs 2; 9 with --no-ablations), then 14 x 16 videos to sample (~3 s each) and estimate (~25 s each). The
+    # trainings are train.py's own defaults, so CamGeo at 1/2, seed 0 is the README's headline command.
+    "cpu": StudyPreset("cpu", None, 16, (0.5, 0.25), (0,), True, 25, 2.0, estimator.EstimatorConfig()),
     # one GPU for training and sampling (the estimator stays on the CPU)
     "gpu": StudyPreset("gpu", None, 32, (0.5, 1 / 3, 0.25), (0, 1), True, 50, 2.0, estimator.EstimatorConfig()),
 }
@@ -339,14 +339,24 @@ BOOTSTRAP_SEED = 0
 
 
 def read_per_clip(paths):
-    """per_clip.csv files (one per part of a study, e.g. one training seed each) -> list of dicts with numbers."""
-    records = []
+    """per_clip.csv files (parts of a study: a training seed, or a set of methods, each) -> list of dicts with
+    numbers. A video scored in two parts (the ground-truth floors are in every part) is kept once when the two
+    lines agree; lines that disagree are an error, since one of them would silently win."""
+    records, seen = [], {}
     for path in paths:
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
                 missing = set(PER_CLIP_COLUMNS) - row.keys()
                 if missing:
                     raise ValueError(f"{path}: not a per-clip results file (missing columns {sorted(missing)})")
+                key = (row["run"], row["train_seed"], row["clip_seed"])
+                values = [row[name] for name in METRICS]
+                if key in seen:
+                    if seen[key][1] != values:
+                        raise ValueError(f"run {key[0]}, training seed {key[1]}, clip {key[2]} is in {seen[key][0]} "
+                                         f"and in {path} with different scores")
+                    continue
+                seen[key] = (path, values)
                 records.append({**row, "train_seed": int(row["train_seed"]), "clip_seed": int(row["clip_seed"]),
                                 **{name: float(row[name]) for name in (*METRICS, "sample_s")}})
     return records
@@ -555,13 +565,15 @@ def run_study(args):
     model_config = camgeo.PRESETS[preset.train_preset]
     clips = held_out_clips(preset.clips, model_config.num_frames, model_config.image_size)
     runs = plan_runs(args.methods, preset.ratios, preset.seeds, preset.ablations and "camgeo" in args.methods)
-    # Trainings are subprocesses: --jobs of them run at once (threads here only wait for them), then each run
-    # is sampled and scored in turn.
+    # Trainings are subprocesses: --jobs of them run at once (threads here only wait for them). Each run is
+    # sampled and scored here as soon as its checkpoint is ready, while the remaining trainings go on.
+    results = {}
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        checkpoints = list(pool.map(lambda run: ensure_checkpoint(run, preset, args.out, args.device, args.threads),
-                                    runs))
-    results = {run.name: evaluate_run(run, ckpt, clips, preset, args.out, args.device, args.workers)
-               for run, ckpt in zip(runs, checkpoints)}
+        futures = {pool.submit(ensure_checkpoint, run, preset, args.out, args.device, args.threads): run
+                   for run in runs}
+        for future in concurrent.futures.as_completed(futures):
+            run = futures[future]
+            results[run.name] = evaluate_run(run, future.result(), clips, preset, args.out, args.device, args.workers)
     floors = [Run(GT_RUN, "", 1.0, 0, (), "Ground-truth video (estimator floor)"),
               Run(DEGRADED_RUN, "", 1.0, 0, (), "Degraded ground-truth video (estimator floor)")]
     for run in floors:

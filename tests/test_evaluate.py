@@ -208,6 +208,21 @@ def test_combine_writes_one_table_from_several_parts(tmp_path):
     assert "| CamGeo | 1/2 |" in table and "CamGeo − Sparse" in table
 
 
+def test_combine_keeps_a_video_shared_by_two_parts_once_and_rejects_one_scored_differently(tmp_path):
+    # two parts of one seed: different methods, the same ground-truth floor in both
+    write_per_clip(tmp_path / "a.csv", [("Sparse", "1/2", 0, c, 0.5) for c in range(3)]
+                   + [("Floor", "all", 0, c, 0.1) for c in range(3)])
+    write_per_clip(tmp_path / "b.csv", [("CamGeo", "1/2", 0, c, 0.4) for c in range(3)]
+                   + [("Floor", "all", 0, c, 0.1) for c in range(3)])
+    records = evaluate.read_per_clip([tmp_path / "a.csv", tmp_path / "b.csv"])
+    assert sorted((r["method"], r["clip_seed"]) for r in records if r["method"] == "Floor") == [
+        ("Floor", 0), ("Floor", 1), ("Floor", 2)]
+    assert len(records) == 9
+    write_per_clip(tmp_path / "c.csv", [("Floor", "all", 0, 1, 0.2)])
+    with pytest.raises(ValueError, match="clip 1 is in .*a.csv and in .*c.csv with different scores"):
+        evaluate.read_per_clip([tmp_path / "a.csv", tmp_path / "c.csv"])
+
+
 def test_combine_rejects_a_file_that_is_not_per_clip_results(tmp_path):
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="not a per-clip results file"):
