@@ -144,7 +144,7 @@ ABLATIONS = {
     "camgeo_linsched": (["--schedule", "linear"], "CamGeo linear schedule"),
 }
 SAMPLE_SEED = 1000  # clip i is sampled with seed SAMPLE_SEED + i by every method: same noise, fairer comparison
-GT_RUN, DEGRADED_RUN = "ground_truth", "ground_truth_degraded"
+GT_RUN, DEGRADED_RUN, STILL_RUN = "ground_truth", "ground_truth_degraded", "reference_repeated"
 METRICS = ("RotErr", "TransErr", "CamMC", "PSNR", "SSIM")
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -313,10 +313,12 @@ def evaluate_run(run, ckpt, clips, preset, out_dir, device, workers=1):
         if stored["key"] == key:
             return stored
     start = time.perf_counter()
-    if ckpt is None:  # the ground-truth videos themselves, clean or degraded: the estimator's floor
+    if ckpt is None:  # reference rows: the ground truth, clean or degraded (the estimator's floor), or still
         videos, seconds = torch.stack([c.video for c in clips]), torch.full((len(clips),), float("nan"))
         if run.name == DEGRADED_RUN:
             videos = torch.stack([estimator.degrade(c.video, torch.Generator().manual_seed(c.seed)) for c in clips])
+        elif run.name == STILL_RUN:  # the reference frame repeated: what a model that ignores the camera scores
+            videos = videos[:, :1].expand_as(videos).clone()
     else:
         videos, seconds = generate(ckpt, run, clips, preset, device)
     paths, metrics = score(clips, videos, preset.estimator_config, workers)
@@ -340,7 +342,7 @@ BOOTSTRAP_SEED = 0
 
 def read_per_clip(paths):
     """per_clip.csv files (parts of a study: a training seed, or a set of methods, each) -> list of dicts with
-    numbers. A video scored in two parts (the ground-truth floors are in every part) is kept once when the two
+    numbers. A video scored in two parts (the reference rows are in every part) is kept once when the two
     lines agree; lines that disagree are an error, since one of them would silently win."""
     records, seen = [], {}
     for path in paths:
@@ -574,15 +576,16 @@ def run_study(args):
         for future in concurrent.futures.as_completed(futures):
             run = futures[future]
             results[run.name] = evaluate_run(run, future.result(), clips, preset, args.out, args.device, args.workers)
-    floors = [Run(GT_RUN, "", 1.0, 0, (), "Ground-truth video (estimator floor)"),
-              Run(DEGRADED_RUN, "", 1.0, 0, (), "Degraded ground-truth video (estimator floor)")]
-    for run in floors:
+    references = [Run(GT_RUN, "", 1.0, 0, (), "Ground-truth video (estimator floor)"),
+                  Run(DEGRADED_RUN, "", 1.0, 0, (), "Degraded ground-truth video (estimator floor)"),
+                  Run(STILL_RUN, "", 1.0, 0, (), "Reference frame repeated (a camera that does not move)")]
+    for run in references:
         results[run.name] = evaluate_run(run, None, clips, preset, args.out, args.device, args.workers)
     per_clip_path = os.path.join(args.out, "per_clip.csv")
     with open(per_clip_path, "w", newline="") as f:  # every video: the table below and any other statistic
         writer = csv.writer(f)
         writer.writerow(PER_CLIP_COLUMNS)
-        for run in runs + floors:
+        for run in runs + references:
             result = results[run.name]
             for clip, values, seconds in zip(clips, result["metrics"].tolist(), result["seconds"].tolist()):
                 writer.writerow([run.name, run.label, ratio_label(run.ratio), run.seed, clip.seed,
@@ -598,9 +601,10 @@ def run_study(args):
              "TransErr, CamMC are CamI2V's, summed over frames; PSNR / SSIM against the ground-truth video. Cells: "
              "mean ± std over clips (median) (and the std of the per-seed means with several seeds); the estimator "
              "has a few ill-conditioned clips (see --validate), so read the medians too. Sampling time: one video, "
-             f"batch of one, on {args.device}. The last two rows score the ground-truth videos themselves, as "
-             "rendered and degraded like a generated video (estimator.degrade): the estimator's own error, the "
-             "smallest method difference the table can resolve."]
+             f"batch of one, on {args.device}. The last three rows are references: the ground-truth videos as "
+             "rendered and degraded like a generated video (estimator.degrade), the estimator's own error and so "
+             "the smallest method difference the table can resolve; and the reference frame repeated, what a "
+             "video that ignores its camera scores."]
     # the paper's cost claim: the teacher is gone at inference, so CamGeo samples exactly as fast as Sparse
     timing = {(r["method"], r["keyframes"]): r["sample_s_per_video"] for r in rows}
     for (method, keyframes), seconds in timing.items():

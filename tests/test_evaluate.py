@@ -92,7 +92,8 @@ def test_smoke_study_writes_the_table_with_one_row_per_method_and_the_estimator_
         rows = list(csv.DictReader(f))
     assert [(r["method"], r["keyframes"]) for r in rows] == [
         ("Sparse", "1/2"), ("Ground-truth video (estimator floor)", "all"),
-        ("Degraded ground-truth video (estimator floor)", "all")]
+        ("Degraded ground-truth video (estimator floor)", "all"),
+        ("Reference frame repeated (a camera that does not move)", "all")]
     for row in rows:
         for name in evaluate.METRICS:
             assert float(row[name]) == float(row[name])  # a number, not NaN
@@ -105,8 +106,12 @@ def test_smoke_study_writes_the_table_with_one_row_per_method_and_the_estimator_
 def test_smoke_study_writes_one_line_per_video(smoke_study):
     with open(os.path.join(smoke_study, "per_clip.csv")) as f:
         rows = list(csv.DictReader(f))
-    assert sorted({r["run"] for r in rows}) == ["ground_truth", "ground_truth_degraded", "sparse_0.5_0"]
-    assert len(rows) == 3 * evaluate.STUDY_PRESETS["smoke"].clips
+    assert sorted({r["run"] for r in rows}) == ["ground_truth", "ground_truth_degraded", "reference_repeated",
+                                                "sparse_0.5_0"]
+    assert len(rows) == 4 * evaluate.STUDY_PRESETS["smoke"].clips
+    still = [r for r in rows if r["run"] == "reference_repeated"]
+    # a still video's estimated path does not move, so its error is the requested path's own rotation
+    assert all(float(r["RotErr"]) > 0 for r in still)
 
 
 def test_validation_puts_the_estimator_below_a_still_camera():
