@@ -278,13 +278,24 @@ def generate(ckpt, run, clips, preset, device):
     return torch.stack(videos), torch.tensor(seconds)
 
 
-def score_one(clip, video, config):
-    """One generated video -> (estimated path (F, 4, 4), [RotErr, TransErr, CamMC, PSNR, SSIM])."""
+def estimate_one(clip, video, config):
+    """The camera path (F, 4, 4) c2w of one generated video, estimated against the clip's scene."""
     torch.set_num_threads(1)  # many small tensor calls: a second thread only waits (and workers run in parallel)
-    path = estimator.estimate_paths(clip.scene, clip.K, video[None], clip.c2w[0], config)[0]
+    return estimator.estimate_paths(clip.scene, clip.K, video[None], clip.c2w[0], config)[0]
+
+
+def video_metrics(clip, video, path):
+    """[RotErr, TransErr, CamMC, PSNR, SSIM] of one generated video: its estimated path against the requested
+    one, and the image metrics of frames 1..F-1 (frame 0 is the given reference, not a generated frame; scored,
+    it would hand a video that merely repeats it an exact frame)."""
     camera = geometry.camera_metrics(clip.c2w, path)
-    return path, [camera["RotErr"], camera["TransErr"], camera["CamMC"],
-                  geometry.psnr(video, clip.video).item(), geometry.ssim(video, clip.video).item()]
+    return [camera["RotErr"], camera["TransErr"], camera["CamMC"],
+            geometry.psnr(video[1:], clip.video[1:]).item(), geometry.ssim(video[1:], clip.video[1:]).item()]
+
+
+def all_metrics(clips, videos, paths):
+    """video_metrics of every clip -> (C, 5) in METRICS order."""
+    return torch.tensor([video_metrics(c, v, p) for c, v, p in zip(clips, videos, paths)], dtype=torch.float64)
 
 
 def score(clips, videos, config, workers=1):
@@ -293,17 +304,18 @@ def score(clips, videos, config, workers=1):
     if workers > 1:
         context = multiprocessing.get_context("spawn")  # no forked OpenMP state
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            outputs = list(pool.map(score_one, clips, videos, [config] * len(clips)))
+            paths = list(pool.map(estimate_one, clips, videos, [config] * len(clips)))
     else:
         threads = torch.get_num_threads()
-        outputs = [score_one(clip, video, config) for clip, video in zip(clips, videos)]
+        paths = [estimate_one(clip, video, config) for clip, video in zip(clips, videos)]
         torch.set_num_threads(threads)
-    return torch.stack([o[0] for o in outputs]), torch.tensor([o[1] for o in outputs], dtype=torch.float64)
+    return torch.stack(paths), all_metrics(clips, videos, paths)
 
 
 def evaluate_run(run, ckpt, clips, preset, out_dir, device, workers=1):
-    """Generate + estimate + score one run, cached in OUT/runs/<name>.pt (redone if anything it depends on
-    changed: the checkpoint file, the clips, the sampling or estimator settings)."""
+    """Generate + estimate + score one run. The videos and estimated paths are cached in OUT/runs/<name>.pt
+    (redone if anything they depend on changed: the checkpoint file, the clips, the sampling or estimator
+    settings); the metrics are recomputed from them every time, which is cheap."""
     key = json.dumps({"ckpt_mtime": os.path.getmtime(ckpt) if ckpt else None, "clips": [c.seed for c in clips],
                       "frames": list(clips[0].video.shape), "sample_steps": preset.sample_steps,
                       "cfg": preset.cfg_scale, "estimator": repr(preset.estimator_config)})
@@ -311,7 +323,7 @@ def evaluate_run(run, ckpt, clips, preset, out_dir, device, workers=1):
     if os.path.exists(cache):
         stored = torch.load(cache, weights_only=True)
         if stored["key"] == key:
-            return stored
+            return {**stored, "metrics": all_metrics(clips, stored["videos"], stored["paths"])}
     start = time.perf_counter()
     if ckpt is None:  # reference rows: the ground truth, clean or degraded (the estimator's floor), or still
         videos, seconds = torch.stack([c.video for c in clips]), torch.full((len(clips),), float("nan"))
@@ -322,9 +334,10 @@ def evaluate_run(run, ckpt, clips, preset, out_dir, device, workers=1):
     else:
         videos, seconds = generate(ckpt, run, clips, preset, device)
     paths, metrics = score(clips, videos, preset.estimator_config, workers)
-    result = {"key": key, "videos": videos, "seconds": seconds, "paths": paths, "metrics": metrics}
+    result = {"key": key, "videos": videos, "seconds": seconds, "paths": paths}
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     torch.save(result, cache)
+    result["metrics"] = metrics
     print(f"[{run.name}] RotErr {metrics[:, 0].mean():.3f} TransErr {metrics[:, 1].mean():.3f} "
           f"CamMC {metrics[:, 2].mean():.3f} PSNR {metrics[:, 3].mean():.2f} SSIM {metrics[:, 4].mean():.3f} "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
@@ -370,8 +383,14 @@ def table_rows(records):
     groups = {}
     for record in records:
         groups.setdefault((record["method"], record["keyframes"]), []).append(record)
+    def order(key):  # ratio by ratio (all poses first), methods in the paper's order, reference rows last
+        method, keyframes = key
+        labels = [*METHOD_NAMES.values(), *(label for _, label in ABLATIONS.values())]
+        fraction = 1.0 if keyframes == "all" else 1 / float(keyframes.split("/")[1])
+        return (method not in labels, -fraction, labels.index(method) if method in labels else 0)
+
     rows = []
-    for (method, keyframes), group in groups.items():
+    for (method, keyframes), group in sorted(groups.items(), key=lambda item: order(item[0])):
         seeds = sorted({r["train_seed"] for r in group})
         row = {"method": method, "keyframes": keyframes, "clips": len({r["clip_seed"] for r in group}),
                "seeds": len(seeds), "sample_s_per_video": float(np.mean([r["sample_s"] for r in group]))}
@@ -598,7 +617,8 @@ def run_study(args):
              f"{preset.sample_steps} sampling steps, CFG {preset.cfg_scale}.",
              "Camera paths of the generated videos are estimated by analysis by synthesis against the known scene "
              "(estimator.estimate_paths; no teacher involved) and compared with the requested path. RotErr (radians), "
-             "TransErr, CamMC are CamI2V's, summed over frames; PSNR / SSIM against the ground-truth video. Cells: "
+             "TransErr, CamMC are CamI2V's, summed over frames; PSNR / SSIM against the ground-truth video, frames 1 to "
+             f"{model_config.num_frames - 1} (frame 0 is the given reference). Cells: "
              "mean ± std over clips (median) (and the std of the per-seed means with several seeds); the estimator "
              "has a few ill-conditioned clips (see --validate), so read the medians too. Sampling time: one video, "
              f"batch of one, on {args.device}. The last three rows are references: the ground-truth videos as "

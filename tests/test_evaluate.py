@@ -114,6 +114,17 @@ def test_smoke_study_writes_one_line_per_video(smoke_study):
     assert all(float(r["RotErr"]) > 0 for r in still)
 
 
+def test_image_metrics_score_the_generated_frames_not_the_given_reference():
+    clip = evaluate.held_out_clips(1, 4, 16)[0]
+    wrong_first = clip.video.clone()
+    wrong_first[0] = 1 - wrong_first[0]
+    rot_err, trans_err, cam_mc, psnr, ssim = evaluate.video_metrics(clip, wrong_first, clip.c2w)
+    assert (rot_err, trans_err, cam_mc) == (0, 0, 0) and psnr == 100 and ssim == pytest.approx(1)
+    # a video that repeats the reference gets no exact frame for free
+    still = clip.video[:1].expand_as(clip.video)
+    assert evaluate.video_metrics(clip, still, clip.c2w)[3] < 40
+
+
 def test_validation_puts_the_estimator_below_a_still_camera():
     config = estimator.EstimatorConfig(blur_levels=(2.0, 0.0), iterations_per_level=4)
     report = evaluate.validate(1, 4, 16, config)
