@@ -20,7 +20,7 @@ The study trains what is missing (python train.py ... --out OUT/ckpt/<name>), re
 samples every test clip with fixed seeds, estimates, scores, and writes OUT/table.md, OUT/table.csv, OUT/per_clip.csv,
 OUT/trajectories.png (top-down requested vs estimated paths) and OUT/frames.png (generated vs ground truth).
 A checkpoint is reused when OUT/ckpt/<run>/evaluate_command.json records the same train.py options; after a
-change to the model code, delete OUT/ckpt (and OUT/runs, the cached videos and scores) to start afresh.
+change to the model code, delete OUT/ckpt (and OUT/runs, the cached videos and camera paths) to start afresh.
 """
 import argparse
 import concurrent.futures
@@ -143,6 +143,7 @@ ABLATIONS = {
     "camgeo_nowarmup": (["--no-warmup"], "CamGeo w/o warm-up"),
     "camgeo_linsched": (["--schedule", "linear"], "CamGeo linear schedule"),
 }
+TABLE_ORDER = [*METHOD_NAMES.values(), *(label for _, label in ABLATIONS.values())]  # rows; reference rows last
 SAMPLE_SEED = 1000  # clip i is sampled with seed SAMPLE_SEED + i by every method: same noise, fairer comparison
 GT_RUN, DEGRADED_RUN, STILL_RUN = "ground_truth", "ground_truth_degraded", "reference_repeated"
 METRICS = ("RotErr", "TransErr", "CamMC", "PSNR", "SSIM")
@@ -174,8 +175,9 @@ STUDY_PRESETS = {
                          estimator.EstimatorConfig(blur_levels=(2.0, 0.0), iterations_per_level=3),
                          ("--num-clips", "8", "--num-workers", "0"), plot_clips=2),
     # hours on 2 CPU cores: 12 trainings of train.py's cpu preset (25-40 min each at one thread, two at a time with
-    # --jobs 2; 9 with --no-ablations), then 14 x 16 videos to sample (~3 s each) and estimate (~25 s each). The
-    # trainings are train.py's own defaults, so CamGeo at 1/2, seed 0 is the README's headline command.
+    # --jobs 2; 9 with --no-ablations), then 12 x 16 videos to sample (~3 s each) and, with the reference rows,
+    # 15 x 16 to estimate (~25 s each). The trainings are train.py's own defaults, so CamGeo at 1/2, seed 0 is
+    # the README's headline command.
     "cpu": StudyPreset("cpu", None, 16, (0.5, 0.25), (0,), True, 25, 2.0, estimator.EstimatorConfig()),
     # one GPU for training and sampling (the estimator stays on the CPU)
     "gpu": StudyPreset("gpu", None, 32, (0.5, 1 / 3, 0.25), (0, 1), True, 50, 2.0, estimator.EstimatorConfig()),
@@ -385,9 +387,8 @@ def table_rows(records):
         groups.setdefault((record["method"], record["keyframes"]), []).append(record)
     def order(key):  # ratio by ratio (all poses first), methods in the paper's order, reference rows last
         method, keyframes = key
-        labels = [*METHOD_NAMES.values(), *(label for _, label in ABLATIONS.values())]
         fraction = 1.0 if keyframes == "all" else 1 / float(keyframes.split("/")[1])
-        return (method not in labels, -fraction, labels.index(method) if method in labels else 0)
+        return (method not in TABLE_ORDER, -fraction, TABLE_ORDER.index(method) if method in TABLE_ORDER else 0)
 
     rows = []
     for (method, keyframes), group in sorted(groups.items(), key=lambda item: order(item[0])):
