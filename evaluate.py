@@ -618,8 +618,8 @@ def run_study(args):
              f"{preset.sample_steps} sampling steps, CFG {preset.cfg_scale}.",
              "Camera paths of the generated videos are estimated by analysis by synthesis against the known scene "
              "(estimator.estimate_paths; no teacher involved) and compared with the requested path. RotErr (radians), "
-             "TransErr, CamMC are CamI2V's, summed over frames; PSNR / SSIM against the ground-truth video, frames 1 to "
-             f"{model_config.num_frames - 1} (frame 0 is the given reference). Cells: "
+             "TransErr, CamMC are CamI2V's, summed over frames; PSNR / SSIM against the ground-truth video, "
+             f"frames 1 to {model_config.num_frames - 1} (frame 0 is the given reference). Cells: "
              "mean ± std over clips (median) (and the std of the per-seed means with several seeds); the estimator "
              "has a few ill-conditioned clips (see --validate), so read the medians too. Sampling time: one video, "
              f"batch of one, on {args.device}. The last three rows are references: the ground-truth videos as "
