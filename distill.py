@@ -27,6 +27,12 @@ import teacher
 # t_max the full weight (so the noise levels where the camera decides the layout count as much as clean ones).
 TEACHER_T_MAX = 0.5
 TEACHER_GATE = "linear"
+# The teacher's gradient reaches x0_hat low-passed by a Gaussian of this width, in pixels of the student's frames
+# (0: unfiltered). The forward pass is untouched: the teacher reads x0_hat itself. A network's input gradient
+# carries fine patterns that change its reading without being content; passed on whole, they are what the
+# student learns fastest (the mottled texture at the size of its 4-pixel patches). sigma = 1.5 keeps 6% of a
+# 4-pixel period and half of an 8-pixel one: the layout, which is what the cameras move, passes.
+TEACHER_GRADIENT_SIGMA = 1.5
 # At most this fraction of each batch goes through the teacher (rounded up, so at least one clip): the teacher's
 # forward + backward is the expensive part of a CamGeo step (bench.py).
 TEACHER_BATCH_FRACTION = 0.125
@@ -35,9 +41,11 @@ TEACHER_BATCH_FRACTION = 0.125
 # zero at x0_hat = x0 and never pull the student off the data to suit the teacher's own errors. "truth": the
 # ground-truth keyframe poses and the plain L_geo, as printed in the paper.
 DISTILL_TARGET = "teacher"
-# Weights of the two distillation terms inside L_total (the paper's are 1).
-TRAJ_WEIGHT = 1.0
-GEO_WEIGHT = 1.0
+# Weights of the two distillation terms inside L_total. The paper's are 1; here one distilled clip, read by a
+# teacher that sees a prediction much less well than a real frame, then pulls on the student as hard as the
+# diffusion loss of the whole batch, and costs image quality (RESULTS.md); at 0.25 it pulls a quarter as hard.
+TRAJ_WEIGHT = 0.25
+GEO_WEIGHT = 0.25
 # Frame spans k of the pairs (f, f + k) in L_geo; spans >= the clip length are dropped. Span 1 keeps
 # neighbours consistent, span 4 (half the default 8-frame clip) ties distant frames together against drift.
 GEO_SPANS = (1, 2, 4)
@@ -80,9 +88,32 @@ def select_teacher_clips(weights, fraction=TEACHER_BATCH_FRACTION):
     return open_clips[: math.ceil(fraction * weights.shape[0])]
 
 
-def teacher_frames(x0_pred):
+class LowPassGradient(torch.autograd.Function):
+    """Identity in the forward pass; the backward pass blurs the incoming gradient of (..., C, H, W) frames with
+    a Gaussian of width sigma (geometry.gaussian_blur). A filter on the signal the student receives, not the
+    gradient of any function: the teacher still reads the frames unchanged."""
+
+    @staticmethod
+    def forward(ctx, frames, sigma):
+        ctx.sigma = sigma
+        return frames.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        blurred = geometry.gaussian_blur(grad.reshape(-1, *grad.shape[-3:]), ctx.sigma)
+        return blurred.reshape(grad.shape), None
+
+
+def teacher_frames(x0_pred, gradient_sigma=TEACHER_GRADIENT_SIGMA):
     """The predicted video as the teacher sees it: clamped to [0, 1] (it was trained on images) in the forward
-    pass, with the gradient passed straight through, so a saturated pixel can still be pulled back."""
+    pass, with the gradient passed straight through, so a saturated pixel can still be pulled back, and
+    low-passed by gradient_sigma (LowPassGradient; 0 leaves it whole)."""
+    if gradient_sigma < 0:
+        raise ValueError(f"teacher gradient sigma must be >= 0, got {gradient_sigma}")
+    if gradient_sigma > 0:
+        if x0_pred.dim() < 3:
+            raise ValueError(f"a low-passed gradient needs frames (..., C, H, W), got {tuple(x0_pred.shape)}")
+        x0_pred = LowPassGradient.apply(x0_pred, gradient_sigma)
     return x0_pred + (x0_pred.clamp(0, 1) - x0_pred).detach()
 
 
@@ -272,7 +303,8 @@ def distillation_losses(teacher_model, geometry_loss, out, batch, keyframe_mask,
     Clips pass the gate by their flow time (teacher_weight) and only if their camera was not dropped for
     guidance (with no camera given there is no trajectory to follow), at most --teacher-fraction of the batch
     (select_teacher_clips). The teacher sees x0_hat through teacher_frames and resizes it to its own patch
-    multiple (teacher.teacher_geometry); its parameters are frozen, the gradient flows through it to x0_hat.
+    multiple (teacher.teacher_geometry); its parameters are frozen, the gradient flows through it to x0_hat,
+    low-passed by --teacher-gradient-sigma.
     With --distill-target teacher it also reads the real clip (no gradient) and that reading is the target:
     L_traj between the two trajectories, and L_geo only by how much x0_hat is less consistent than x0.
     """
@@ -285,7 +317,7 @@ def distillation_losses(teacher_model, geometry_loss, out, batch, keyframe_mask,
     if chosen.numel() == 0:
         return terms
     video, w2c, K = (batch[key][chosen] for key in ("video", "w2c", "K"))
-    frames = teacher_frames(out["x0_pred"][chosen])  # (n, F, 3, H, W)
+    frames = teacher_frames(out["x0_pred"][chosen], args.teacher_gradient_sigma)  # (n, F, 3, H, W)
     geo_options = dict(spans=tuple(args.spans), gamma=args.gamma, eta=args.eta,
                        smoothness_weight=args.smoothness_weight)
     seen = teacher.teacher_geometry(teacher_model, frames, args.teacher_cameras, intrinsics=K)

@@ -142,6 +142,11 @@ ABLATIONS = {
     "camgeo_nosmooth": (["--smoothness-weight", "0"], "CamGeo w/o smoothness"),
     "camgeo_nowarmup": (["--no-warmup"], "CamGeo w/o warm-up"),
     "camgeo_linsched": (["--schedule", "linear"], "CamGeo linear schedule"),
+    # this implementation's departures from the printed form (distill.py), one at a time and both
+    "camgeo_unfiltered": (["--teacher-gradient-sigma", "0"], "CamGeo w/o gradient low-pass"),
+    "camgeo_unitweights": (["--traj-weight", "1", "--geo-weight", "1"], "CamGeo, the paper's weights (1)"),
+    "camgeo_unitweights_unfiltered": (["--traj-weight", "1", "--geo-weight", "1", "--teacher-gradient-sigma", "0"],
+                                      "CamGeo, the paper's weights, w/o gradient low-pass"),
 }
 TABLE_ORDER = [*METHOD_NAMES.values(), *(label for _, label in ABLATIONS.values())]  # rows; reference rows last
 SAMPLE_SEED = 1000  # clip i is sampled with seed SAMPLE_SEED + i by every method: same noise, fairer comparison
@@ -174,9 +179,9 @@ STUDY_PRESETS = {
     "smoke": StudyPreset("smoke", 4, 2, (0.5,), (0,), False, 2, 2.0,
                          estimator.EstimatorConfig(blur_levels=(2.0, 0.0), iterations_per_level=3),
                          ("--num-clips", "8", "--num-workers", "0"), plot_clips=2),
-    # hours on 2 CPU cores: 12 trainings of train.py's cpu preset (25-40 min each at one thread, two at a time with
-    # --jobs 2; 9 with --no-ablations), then 12 x 16 videos to sample (~3 s each) and, with the reference rows,
-    # 15 x 16 to estimate (~25 s each). The trainings are train.py's own defaults, so CamGeo at 1/2, seed 0 is
+    # hours on 2 CPU cores: 15 trainings of train.py's cpu preset (25-40 min each at one thread, two at a time with
+    # --jobs 2; 9 with --no-ablations), then 15 x 16 videos to sample (~3 s each) and, with the reference rows,
+    # 18 x 16 to estimate (~25 s each). The trainings are train.py's own defaults, so CamGeo at 1/2, seed 0 is
     # the README's headline command.
     "cpu": StudyPreset("cpu", None, 16, (0.5, 0.25), (0,), True, 25, 2.0, estimator.EstimatorConfig()),
     # one GPU for training and sampling (the estimator stays on the CPU)
@@ -199,6 +204,8 @@ def ratio_label(ratio):
 
 
 def plan_runs(methods, ratios, seeds, ablations):
+    """The trainings of a study: Full once per seed, every other method at every ratio, and the named ablations
+    (ABLATIONS keys) of CamGeo at the first ratio."""
     runs = []
     for seed in seeds:
         if "full" in methods:
@@ -207,9 +214,9 @@ def plan_runs(methods, ratios, seeds, ablations):
             for method in methods:
                 if method != "full":
                     runs.append(Run(f"{method}_{ratio:.3g}_{seed}", method, ratio, seed, (), METHOD_NAMES[method]))
-        if ablations:
-            for name, (flags, label) in ABLATIONS.items():
-                runs.append(Run(f"{name}_{ratios[0]:.3g}_{seed}", "camgeo", ratios[0], seed, tuple(flags), label))
+        for name in ablations:
+            flags, label = ABLATIONS[name]
+            runs.append(Run(f"{name}_{ratios[0]:.3g}_{seed}", "camgeo", ratios[0], seed, tuple(flags), label))
     return runs
 
 
@@ -576,17 +583,21 @@ def run_study(args):
             setattr(preset, name, getattr(args, name))
     if args.train_steps is not None:
         preset.train_steps = args.train_steps
-    if args.no_ablations:
-        preset.ablations = False
     unknown = [m for m in args.methods if m not in METHOD_NAMES]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHOD_NAMES)}")
+    ablations = args.ablations if args.ablations is not None else list(ABLATIONS) if preset.ablations else []
+    unknown = [a for a in ablations if a not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"unknown ablation(s) {unknown}; choose from {list(ABLATIONS)}")
+    if args.no_ablations or "camgeo" not in args.methods:
+        ablations = []
     if any(not 0 < r <= 1 for r in preset.ratios):
         raise ValueError(f"keyframe ratios must be in (0, 1], got {preset.ratios}")
     os.makedirs(args.out, exist_ok=True)
     model_config = camgeo.PRESETS[preset.train_preset]
     clips = held_out_clips(preset.clips, model_config.num_frames, model_config.image_size)
-    runs = plan_runs(args.methods, preset.ratios, preset.seeds, preset.ablations and "camgeo" in args.methods)
+    runs = plan_runs(args.methods, preset.ratios, preset.seeds, ablations)
     # Trainings are subprocesses: --jobs of them run at once (threads here only wait for them). Each run is
     # sampled and scored here as soon as its checkpoint is ready, while the remaining trainings go on.
     results = {}
@@ -659,6 +670,8 @@ def parse_args(argv=None):
     parser.add_argument("--clips", type=int, help="number of held-out test clips")
     parser.add_argument("--train-steps", type=int, help="override the preset's training steps")
     parser.add_argument("--sample-steps", type=int, help="Euler steps of the sampler")
+    parser.add_argument("--ablations", type=lambda s: s.split(","),
+                        help="comma-separated subset of " + ",".join(ABLATIONS) + " (default: the preset's, all)")
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, here and in train.py")

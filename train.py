@@ -121,6 +121,9 @@ def parse_args(argv=None):
                          help="weight of a clip by its noise level below --teacher-t-max")
     distillation.add_argument("--teacher-t-max", type=float, default=distill.TEACHER_T_MAX,
                          help="the teacher gate: clips noisier than this are not distilled")
+    distillation.add_argument("--teacher-gradient-sigma", type=float, default=distill.TEACHER_GRADIENT_SIGMA,
+                         help="low-pass the teacher's gradient to the predicted video by a Gaussian of this width "
+                              "in pixels (0: unfiltered)")
     distillation.add_argument("--teacher-fraction", type=float, default=distill.TEACHER_BATCH_FRACTION,
                          help="at most this fraction of each batch goes through the teacher")
     distillation.add_argument("--schedule", choices=("sigmoid", "linear"), default="sigmoid")
@@ -151,6 +154,8 @@ def parse_args(argv=None):
         parser.error(f"--sparse must be in (0, 1], got {args.sparse}")
     if not 0.0 < args.teacher_t_max <= 1.0 or not 0.0 < args.teacher_fraction <= 1.0:
         parser.error("--teacher-t-max and --teacher-fraction must be in (0, 1]")
+    if args.teacher_gradient_sigma < 0:
+        parser.error(f"--teacher-gradient-sigma must be >= 0, got {args.teacher_gradient_sigma}")
     if args.method == "camgeo" and args.distill_target == "truth" and args.data:
         parser.error("--distill-target truth measures translations in units of the true scene depth, which a "
                      "RealEstate10K folder does not have; use --distill-target teacher")
@@ -259,9 +264,9 @@ def export_ema(checkpoint, destination, dtype=torch.float16):
 
 
 DISTILLATION_OPTIONS = ("teacher", "teacher_cameras", "distill_target", "traj_weight", "geo_weight",
-                        "traj_intrinsics", "teacher_gate", "teacher_t_max", "teacher_fraction", "schedule", "warmup",
-                        "warmup_fraction", "alpha_mid", "beta_mid", "schedule_width", "geo_gate", "spans", "gamma",
-                        "eta", "smoothness_weight")
+                        "traj_intrinsics", "teacher_gate", "teacher_t_max", "teacher_gradient_sigma",
+                        "teacher_fraction", "schedule", "warmup", "warmup_fraction", "alpha_mid", "beta_mid",
+                        "schedule_width", "geo_gate", "spans", "gamma", "eta", "smoothness_weight")
 
 
 def save_checkpoint(out_dir, model, ema, optimizer, config, args, step, rng_states):

@@ -75,10 +75,35 @@ def test_flat_gate_gives_full_weight_below_t_max_and_none_above():
 
 def test_teacher_frames_clamp_the_values_but_pass_the_gradient_where_pixels_saturate():
     x = torch.tensor([-0.2, 0.5, 1.3], requires_grad=True)
-    frames = distill.teacher_frames(x)
+    frames = distill.teacher_frames(x, gradient_sigma=0.0)
     assert torch.equal(frames.detach(), torch.tensor([0.0, 0.5, 1.0]))
     frames.sum().backward()
     assert torch.equal(x.grad, torch.ones(3))
+
+
+def test_low_passed_teacher_gradient_keeps_the_frames_and_the_layout_but_drops_patch_size_patterns():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 3, 32, 32, requires_grad=True)  # (B, F, C, H, W)
+    frames = distill.teacher_frames(x, gradient_sigma=1.5)
+    assert torch.equal(frames.detach(), x.detach())  # the teacher reads the frames unchanged
+    rows, cols = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    smooth = torch.sin(2 * math.pi * cols / 32)  # one period across the frame: the layout
+    patches = ((rows // 2 + cols // 2) % 2) * 2 - 1  # a checkerboard of 2-pixel squares: 4-pixel period
+    for pattern, kept in ((smooth, (0.9, 1.0)), (patches, (0.0, 0.05))):
+        x.grad = None
+        (frames * pattern).sum().backward()
+        inner = pattern[8:24, 8:24]  # away from the replicated borders
+        gain = (x.grad[..., 8:24, 8:24] * inner).sum((-2, -1)) / (inner * inner).sum()  # per frame and channel
+        assert ((gain >= kept[0]) & (gain <= kept[1])).all(), (pattern is smooth, gain.flatten()[:3])
+
+
+def test_teacher_frames_low_pass_off_passes_the_gradient_whole_and_rejects_negative_sigma():
+    x = torch.rand(1, 2, 3, 8, 8, requires_grad=True)
+    pattern = torch.randn(8, 8)
+    (distill.teacher_frames(x, gradient_sigma=0.0) * pattern).sum().backward()
+    assert torch.equal(x.grad, pattern.expand_as(x))
+    with pytest.raises(ValueError, match="sigma"):
+        distill.teacher_frames(x, gradient_sigma=-1.0)
 
 
 # -----------------------------------------------------------------------------

@@ -159,6 +159,20 @@ def test_every_study_run_is_a_valid_train_py_command(name, tmp_path):
     assert args.method == "camgeo" and args.out == str(tmp_path)
 
 
+def test_study_trains_the_named_ablations_only_at_the_first_ratio():
+    runs = evaluate.plan_runs(["sparse", "camgeo"], (0.5, 0.25), (0, 1), ["camgeo_unfiltered"])
+    assert [r.name for r in runs] == ["sparse_0.5_0", "camgeo_0.5_0", "sparse_0.25_0", "camgeo_0.25_0",
+                                      "camgeo_unfiltered_0.5_0", "sparse_0.5_1", "camgeo_0.5_1", "sparse_0.25_1",
+                                      "camgeo_0.25_1", "camgeo_unfiltered_0.5_1"]
+    assert runs[4].flags == ("--teacher-gradient-sigma", "0")
+
+
+def test_unknown_ablation_is_a_one_line_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown ablation"):
+        evaluate.main(["--preset", "smoke", "--methods", "camgeo", "--ablations", "camgeo_nosmooth,camgeo_blue",
+                       "--out", str(tmp_path)])
+
+
 def test_unknown_method_is_a_one_line_error(tmp_path):
     with pytest.raises(ValueError, match="unknown method"):
         evaluate.main(["--preset", "smoke", "--methods", "sparse,teleport", "--out", str(tmp_path)])

@@ -211,7 +211,8 @@ def test_camgeo_run_logs_every_loss_term_and_the_curriculum(tmp_path, teacher_pa
     for r in records:
         assert {"loss", "loss_diff", "loss_traj", "loss_geo", "loss_geo_depth", "loss_geo_smooth", "alpha", "beta",
                 "teacher_clips"} <= r.keys()
-        expected = r["loss_diff"] + r["alpha"] * ((1 - r["beta"]) * r["loss_traj"] + r["beta"] * r["loss_geo"])
+        expected = r["loss_diff"] + r["alpha"] * ((1 - r["beta"]) * distill.TRAJ_WEIGHT * r["loss_traj"]
+                                                  + r["beta"] * distill.GEO_WEIGHT * r["loss_geo"])
         assert r["loss"] == pytest.approx(expected, rel=1e-5)
     assert any(r["teacher_clips"] > 0 and r["loss_traj"] > 0 and r["loss_geo"] > 0 for r in records)
 
@@ -245,8 +246,8 @@ def test_warmup_step_runs_no_teacher_and_is_the_diffusion_loss(tmp_path, teacher
     assert terms["alpha"] == 0 and terms["teacher_clips"] == 0 and torch.equal(loss, terms["loss_diff"])
 
 
-def gated_total(terms, traj_weight=1.0, geo_weight=1.0):
-    """L_total with L_geo gated by beta, from the logged terms."""
+def gated_total(terms, traj_weight=distill.TRAJ_WEIGHT, geo_weight=distill.GEO_WEIGHT):
+    """L_total with L_geo gated by beta, from the logged terms (the default weights unless given)."""
     return terms["loss_diff"] + terms["alpha"] * ((1 - terms["beta"]) * traj_weight * terms["loss_traj"]
                                                   + terms["beta"] * geo_weight * terms["loss_geo"])
 
@@ -257,8 +258,8 @@ def gated_total(terms, traj_weight=1.0, geo_weight=1.0):
         6, 10, "linear") and torch.allclose(loss, gated_total(terms))),
     (("--smoothness-weight", "0"), lambda loss, terms: terms["loss_geo"] == terms["loss_geo_depth"]),
     (("--geo-gate", "printed"), lambda loss, terms: not torch.allclose(loss, gated_total(terms))
-     and torch.allclose(loss, terms["loss_diff"] + terms["alpha"] * ((1 - terms["beta"]) * terms["loss_traj"]
-                                                                     + terms["loss_geo"]))),
+     and torch.allclose(loss, terms["loss_diff"] + terms["alpha"] * (
+         (1 - terms["beta"]) * distill.TRAJ_WEIGHT * terms["loss_traj"] + distill.GEO_WEIGHT * terms["loss_geo"]))),
     (("--traj-weight", "3", "--geo-weight", "0.5"), lambda loss, terms: torch.allclose(loss, gated_total(terms, 3, 0.5))
      and not torch.allclose(loss, gated_total(terms))),
 ])
@@ -286,6 +287,25 @@ def test_teacher_consistent_target_is_zero_when_the_prediction_is_the_real_clip(
     assert terms["teacher_clips"] == 4 and terms["loss_traj"] == 0 and terms["loss_geo"] == 0
     shifted = distillation_of(lambda video: video.roll(1, dims=0), tmp_path, teacher_path)  # another clip's frames
     assert shifted["loss_traj"] > 0
+
+
+def test_low_passed_teacher_gradient_changes_the_gradient_not_the_losses(tmp_path, teacher_path):
+    readings = {}
+    for sigma in ("0", "1.5"):
+        leaf = {}
+
+        def predicted(video):
+            leaf["x"] = video.roll(1, dims=0).clone().requires_grad_(True)  # another clip's frames: losses > 0
+            return leaf["x"]
+
+        terms = distillation_of(predicted, tmp_path, teacher_path, extra=("--teacher-gradient-sigma", sigma))
+        (terms["loss_traj"] + terms["loss_geo"]).backward()
+        readings[sigma] = (terms["loss_traj"].item(), terms["loss_geo"].item(), leaf["x"].grad)
+    assert readings["0"][:2] == readings["1.5"][:2] and readings["0"][0] > 0
+    whole, low_passed = readings["0"][2], readings["1.5"][2]
+    assert torch.allclose(low_passed, geometry.gaussian_blur(whole.flatten(0, 1), 1.5).view_as(whole), atol=1e-7)
+    roughness = lambda g: (g[..., 1:] - g[..., :-1]).abs().sum() / g.abs().sum()  # neighbour differences
+    assert roughness(low_passed) < 0.5 * roughness(whole)
 
 
 def test_clips_whose_camera_was_dropped_get_no_distillation(tmp_path, teacher_path):
