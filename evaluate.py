@@ -506,8 +506,9 @@ def draw_trajectories(clips, named_paths, path, keyframes=(), panel=260):
 
 def draw_frames(clips, named_videos, path, scale=3):
     """Rows: ground truth, then each method's generated video; columns: frames; one block per clip."""
-    label_width = 170
     rows = [("ground truth", torch.stack([c.video for c in clips]))] + named_videos
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_width = 12 + max(int(measure.textlength(f"{label} (0000000)")) for label, _ in rows)
     num_frames, _, H, W = clips[0].video.shape
     tile_h, tile_w = H * scale, W * scale
     image = Image.new("RGB", (label_width + num_frames * tile_w, len(clips) * (len(rows) * tile_h + 12)), "white")

@@ -411,8 +411,9 @@ def test_without_warmup_alpha_is_one_from_the_first_step():
 
 
 def test_total_loss_gates_geometry_by_beta_by_default_and_not_in_the_printed_form():
-    gated = distill.total_loss(1.0, 2.0, 4.0, alpha=0.5, beta=0.25)
-    printed = distill.total_loss(1.0, 2.0, 4.0, alpha=0.5, beta=0.25, geo_gate="printed")
+    unit = dict(traj_weight=1.0, geo_weight=1.0)
+    gated = distill.total_loss(1.0, 2.0, 4.0, alpha=0.5, beta=0.25, **unit)
+    printed = distill.total_loss(1.0, 2.0, 4.0, alpha=0.5, beta=0.25, geo_gate="printed", **unit)
     assert gated == 1.0 + 0.5 * (0.75 * 2.0 + 0.25 * 4.0)
     assert printed == 1.0 + 0.5 * (0.75 * 2.0 + 4.0)
     weighted = distill.total_loss(1.0, 2.0, 4.0, alpha=0.5, beta=0.25, traj_weight=3.0, geo_weight=0.5)
