@@ -15,6 +15,7 @@ whether one student follows the cameras it is given.
     python evaluate.py --preset gpu --device cuda --workers 14 --out out/eval_gpu   # estimator: CPU processes
     python evaluate.py --seeds 1 --out out/eval_seed1        # a study in parts, one training seed each, then
     python evaluate.py --combine out/eval/per_clip.csv out/eval_seed1/per_clip.csv --out out/eval_all
+    python evaluate.py --methods camgeo --ratios 1/2 --ablations camgeo_nosmooth,camgeo_unfiltered   # a few
 
 The study trains what is missing (python train.py ... --out OUT/ckpt/<name>), reuses checkpoints that exist,
 samples every test clip with fixed seeds, estimates, scores, and writes OUT/table.md, OUT/table.csv, OUT/per_clip.csv,
