@@ -395,7 +395,7 @@ def table_rows(records):
         groups.setdefault((record["method"], record["keyframes"]), []).append(record)
     def order(key):  # ratio by ratio (all poses first), methods in the paper's order, reference rows last
         method, keyframes = key
-        fraction = 1.0 if keyframes == "all" else 1 / float(keyframes.split("/")[1])
+        fraction = 1.0 if keyframes == "all" else eval_fraction(keyframes)
         return (method not in TABLE_ORDER, -fraction, TABLE_ORDER.index(method) if method in TABLE_ORDER else 0)
 
     rows = []
