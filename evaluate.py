@@ -588,7 +588,9 @@ def run_study(args):
     unknown = [m for m in args.methods if m not in METHOD_NAMES]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHOD_NAMES)}")
-    ablations = args.ablations if args.ablations is not None else list(ABLATIONS) if preset.ablations else []
+    ablations = list(ABLATIONS) if preset.ablations else []
+    if args.ablations is not None:
+        ablations = args.ablations
     unknown = [a for a in ablations if a not in ABLATIONS]
     if unknown:
         raise ValueError(f"unknown ablation(s) {unknown}; choose from {list(ABLATIONS)}")
