@@ -508,18 +508,18 @@ def draw_trajectories(clips, named_paths, path, keyframes=(), panel=260):
 def draw_frames(clips, named_videos, path, scale=3):
     """Rows: ground truth, then each method's generated video; columns: frames; one block per clip."""
     rows = [("ground truth", torch.stack([c.video for c in clips]))] + named_videos
+    texts = [[label + (f" ({clip.seed})" if r == 0 else "") for r, (label, _) in enumerate(rows)] for clip in clips]
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_width = 12 + max(int(measure.textlength(f"{label} (0000000)")) for label, _ in rows)
+    label_width = 12 + max(int(measure.textlength(text)) for clip_texts in texts for text in clip_texts)
     num_frames, _, H, W = clips[0].video.shape
     tile_h, tile_w = H * scale, W * scale
     image = Image.new("RGB", (label_width + num_frames * tile_w, len(clips) * (len(rows) * tile_h + 12)), "white")
     draw = ImageDraw.Draw(image)
     for c in range(len(clips)):
         top = c * (len(rows) * tile_h + 12)
-        for r, (label, videos) in enumerate(rows):
+        for r, (_, videos) in enumerate(rows):
             y = top + r * tile_h
-            draw.text((4, y + tile_h // 2 - 6), f"{label}" + (f" ({clips[c].seed})" if r == 0 else ""),
-                      fill=(0, 0, 0))
+            draw.text((4, y + tile_h // 2 - 6), texts[c][r], fill=(0, 0, 0))
             frames = data.frames_to_uint8(videos[c])
             for f, frame in enumerate(frames):
                 tile = Image.fromarray(frame).resize((tile_w, tile_h), Image.NEAREST)
