@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 import camgeo
 import data
@@ -466,6 +466,8 @@ def write_tables(rows, out_dir, notes, differences=()):
         f.write("\n".join(notes + [""] + lines) + "\n")
 
 
+# Pillow's bitmap font: the default scalable one, hinted at its 10 px, draws single spaces too narrow to see.
+LABEL_FONT = ImageFont.load_default_imagefont()
 PALETTE = [(220, 50, 47), (38, 139, 210), (133, 153, 0), (211, 54, 130), (181, 137, 0), (42, 161, 152),
            (108, 113, 196), (203, 75, 22), (100, 100, 100)]
 
@@ -495,12 +497,13 @@ def draw_trajectories(clips, named_paths, path, keyframes=(), panel=260):
                 for f in keyframes:
                     x, y = points[f]
                     draw.ellipse([x - 6, y - 6, x + 6, y + 6], outline=(0, 0, 0), width=2)
-        draw.text((c * panel + 6, 4), f"clip {clip.seed}  (half-width {extent:.2f} m)", fill=(0, 0, 0))
+        draw.text((c * panel + 6, 4), f"clip {clip.seed}  (half-width {extent:.2f} m)", fill=(0, 0, 0),
+                  font=LABEL_FONT)
     y = panel + 6
     for k, (label, _) in enumerate([("requested (ground truth); rings: keyframes given", None)] + named_paths):
         colour = (0, 0, 0) if k == 0 else PALETTE[(k - 1) % len(PALETTE)]
         draw.line([(8, y + 6), (36, y + 6)], fill=colour, width=3)
-        draw.text((44, y), label, fill=(0, 0, 0))
+        draw.text((44, y), label, fill=(0, 0, 0), font=LABEL_FONT)
         y += 18
     image.save(path)
 
@@ -510,7 +513,8 @@ def draw_frames(clips, named_videos, path, scale=3):
     rows = [("ground truth", torch.stack([c.video for c in clips]))] + named_videos
     texts = [[label + (f" ({clip.seed})" if r == 0 else "") for r, (label, _) in enumerate(rows)] for clip in clips]
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_width = 12 + max(int(measure.textlength(text)) for clip_texts in texts for text in clip_texts)
+    label_width = 12 + max(int(measure.textlength(text, font=LABEL_FONT))
+                           for clip_texts in texts for text in clip_texts)
     num_frames, _, H, W = clips[0].video.shape
     tile_h, tile_w = H * scale, W * scale
     image = Image.new("RGB", (label_width + num_frames * tile_w, len(clips) * (len(rows) * tile_h + 12)), "white")
@@ -519,7 +523,7 @@ def draw_frames(clips, named_videos, path, scale=3):
         top = c * (len(rows) * tile_h + 12)
         for r, (_, videos) in enumerate(rows):
             y = top + r * tile_h
-            draw.text((4, y + tile_h // 2 - 6), texts[c][r], fill=(0, 0, 0))
+            draw.text((4, y + tile_h // 2 - 6), texts[c][r], fill=(0, 0, 0), font=LABEL_FONT)
             frames = data.frames_to_uint8(videos[c])
             for f, frame in enumerate(frames):
                 tile = Image.fromarray(frame).resize((tile_w, tile_h), Image.NEAREST)
