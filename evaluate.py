@@ -438,6 +438,18 @@ def paired_differences(records, method="CamGeo", baseline="Sparse"):
     return lines
 
 
+def study_differences(records):
+    """The paired differences a study reports: CamGeo - Sparse at every ratio, then each CamGeo ablation present
+    minus CamGeo (same seed, same clips), so an ablation is read against the spread of its own pairs rather than
+    the overlap of two means with wide clip-to-clip spreads. Markdown lines."""
+    lines = paired_differences(records)
+    present = {r["method"] for r in records}
+    for _, label in ABLATIONS.values():
+        if label in present:
+            lines += [""] + paired_differences(records, label, "CamGeo")
+    return lines
+
+
 def write_tables(rows, out_dir, notes, differences=()):
     columns = ["method", "keyframes", "clips", "seeds"] + [
         f"{name}{suffix}" for name in METRICS for suffix in ("", "_median", "_std_clips", "_std_seeds")] + [
@@ -652,7 +664,7 @@ def run_study(args):
             ratio = seconds / timing[("Sparse", keyframes)]
             notes.append(f"Sampling time CamGeo / Sparse at {keyframes}: {ratio:.3f}.")
     notes.append(f"teacher.py imported by this process while sampling: {'yes' if 'teacher' in sys.modules else 'no'}.")
-    write_tables(rows, args.out, notes, paired_differences(records))
+    write_tables(rows, args.out, notes, study_differences(records))
     # pictures: the first ratio and first seed, plus full
     shown = [r for r in runs if r.name in results and r.seed == preset.seeds[0]
              and (r.ratio == preset.ratios[0] or r.method == "full")]
@@ -696,8 +708,8 @@ def parse_args(argv=None):
                              "-> OUT/check_frames.png)")
     parser.add_argument("--combine", nargs="+", metavar="PER_CLIP_CSV",
                         help="only combine the per_clip.csv files of several parts of a study (e.g. one training "
-                             "seed each) into OUT/table.md and OUT/table.csv, with the paired CamGeo - Sparse "
-                             "differences and their bootstrap intervals")
+                             "seed each) into OUT/table.md and OUT/table.csv, with the paired differences "
+                             "(CamGeo - Sparse, each ablation - CamGeo) and their bootstrap intervals")
     parser.add_argument("--cfg", type=float, default=1.0, help="--check: guidance scale")
     parser.add_argument("--estimate", action="store_true",
                         help="--check: also estimate the camera path of the samples (RotErr, TransErr, CamMC; slow)")
@@ -736,7 +748,7 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         records = read_per_clip(args.combine)
         notes = ["# CamGeo study, combined from " + ", ".join(f"`{path}`" for path in args.combine)]
-        write_tables(table_rows(records), args.out, notes, paired_differences(records))
+        write_tables(table_rows(records), args.out, notes, study_differences(records))
         print(open(os.path.join(args.out, "table.md")).read())
         return
     if args.check:

@@ -229,6 +229,17 @@ def test_paired_difference_interval_contains_zero_for_noise_alone(tmp_path):
     assert low < 0 < high
 
 
+def test_study_differences_read_each_ablation_against_camgeo_on_the_same_clips(tmp_path):
+    label = evaluate.ABLATIONS["camgeo_nowarmup"][1]
+    rows = [("Sparse", "1/2", 0, c, 1.0) for c in range(10)] + [("CamGeo", "1/2", 0, c, 0.2 * c) for c in range(10)]
+    rows += [(label, "1/2", 0, c, 0.2 * c + 0.05) for c in range(10)]  # 0.05 worse than CamGeo on every clip
+    write_per_clip(tmp_path / "part.csv", rows)
+    lines = evaluate.study_differences(evaluate.read_per_clip([tmp_path / "part.csv"]))
+    header = next(i for i, line in enumerate(lines) if line.startswith(f"| {label} − CamGeo |"))
+    assert lines[header + 2].split(" | ")[3].startswith("+0.050 [+0.050, +0.050]")
+    assert sum(line.startswith("| ") and "−" in line for line in lines) == 2  # CamGeo − Sparse, and this ablation
+
+
 def test_combine_writes_one_table_from_several_parts(tmp_path):
     for seed in (0, 1):
         write_per_clip(tmp_path / f"p{seed}.csv", [(m, "1/2", seed, c, 0.5) for m in ("Sparse", "CamGeo")
