@@ -480,8 +480,9 @@ def write_tables(rows, out_dir, notes, differences=()):
 
 # Pillow's bitmap font: the default scalable one, hinted at its 10 px, draws single spaces too narrow to see.
 LABEL_FONT = ImageFont.load_default_imagefont()
+# enough distinct colours for every method and ablation of a study at one ratio (11 paths)
 PALETTE = [(220, 50, 47), (38, 139, 210), (133, 153, 0), (211, 54, 130), (181, 137, 0), (42, 161, 152),
-           (108, 113, 196), (203, 75, 22), (100, 100, 100)]
+           (108, 113, 196), (203, 75, 22), (100, 100, 100), (0, 0, 128), (128, 64, 0), (0, 150, 60)]
 
 
 def draw_trajectories(clips, named_paths, path, keyframes=(), panel=260):
