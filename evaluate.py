@@ -525,9 +525,7 @@ def draw_frames(clips, named_videos, path, scale=3):
     """Rows: ground truth, then each method's generated video; columns: frames; one block per clip."""
     rows = [("ground truth", torch.stack([c.video for c in clips]))] + named_videos
     texts = [[label + (f" ({clip.seed})" if r == 0 else "") for r, (label, _) in enumerate(rows)] for clip in clips]
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_width = 12 + max(int(measure.textlength(text, font=LABEL_FONT))
-                           for clip_texts in texts for text in clip_texts)
+    label_width = 12 + max(int(LABEL_FONT.getlength(text)) for clip_texts in texts for text in clip_texts)
     num_frames, _, H, W = clips[0].video.shape
     tile_h, tile_w = H * scale, W * scale
     image = Image.new("RGB", (label_width + num_frames * tile_w, len(clips) * (len(rows) * tile_h + 12)), "white")
