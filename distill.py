@@ -36,6 +36,12 @@ TEACHER_GRADIENT_SIGMA = 1.5
 # At most this fraction of each batch goes through the teacher (rounded up, so at least one clip): the teacher's
 # forward + backward is the expensive part of a CamGeo step (bench.py).
 TEACHER_BATCH_FRACTION = 0.125
+# The teacher runs on every N-th step after the warm-up, and there its two losses weigh N times as much: the
+# expected gradient is the same as running it every step (lazy regularisation, as StyleGAN2 does for its R1
+# penalty), for a third of the teacher's cost, which is most of what a CamGeo step adds (bench.py). Adam's first
+# moment averages over about ten steps, so the student sees the pull spread out; gradient clipping never acts in
+# these runs (their grad_norm stays near 0.05 against the clip at 1).
+TEACHER_EVERY = 3
 # What the teacher's reading of x0_hat is compared with. "teacher": its reading of the real clip x0 (L_traj
 # between the two trajectories; L_geo only where x0_hat is less consistent than x0), so both losses are exactly
 # zero at x0_hat = x0 and never pull the student off the data to suit the teacher's own errors. "truth": the

@@ -14,6 +14,7 @@
     python train.py --traj-weight 1 --geo-weight 1    # the paper's loss weights (the defaults are 0.25)
     python train.py --teacher-gradient-sigma 0        # the teacher's gradient to the student unfiltered
     python train.py --teacher-cameras head            # the teacher's camera head instead of its aligned cameras
+    python train.py --teacher-every 1                 # the teacher on every step (default: every 3rd, weighted x3)
     python train.py --preset smoke --steps 20         # seconds, for tests
     python train.py --preset gpu --device cuda        # the larger model on one GPU
     torchrun --standalone --nproc_per_node=2 train.py --preset smoke   # DistributedDataParallel (gloo on CPU,
@@ -27,8 +28,8 @@ ckpt.safetensors (the student only: weights "model.*" and EMA weights "ema.*"; c
 as JSON in the safetensors metadata; the teacher is never saved), train_state.pt (step, AdamW state and the
 random-number states of every rank: what --resume needs to continue exactly as an uninterrupted run would;
 loadable with torch.load(weights_only=True)) and log.jsonl (one line per step: the loss and each of its terms,
-alpha and beta of the curriculum, lr, grad norm; with --log-term-gradients N, every N steps the gradient norm
-of each term). sample.py reads ckpt.safetensors and never the teacher.
+alpha and beta of the curriculum, the teacher's weight multiple that step, lr, grad norm; with
+--log-term-gradients N, every N steps the gradient norm of each term). sample.py reads ckpt.safetensors and never the teacher.
 
 Camera conditioning per method (keyframes: camgeo.camera_inputs):
   camgeo / sparse  poses at the keyframes only, keyframe mask 1 there and 0 elsewhere (the model sees what is
@@ -126,6 +127,8 @@ def parse_args(argv=None):
     distillation.add_argument("--teacher-gradient-sigma", type=float, default=distill.TEACHER_GRADIENT_SIGMA,
                          help="low-pass the teacher's gradient to the predicted video by a Gaussian of this width "
                               "in pixels (0: unfiltered)")
+    distillation.add_argument("--teacher-every", type=int, default=distill.TEACHER_EVERY, metavar="N",
+                         help="run the teacher on every N-th step, its losses weighted N times there (1: every step)")
     distillation.add_argument("--teacher-fraction", type=float, default=distill.TEACHER_BATCH_FRACTION,
                          help="at most this fraction of each batch goes through the teacher")
     distillation.add_argument("--schedule", choices=("sigmoid", "linear"), default="sigmoid")
@@ -156,6 +159,8 @@ def parse_args(argv=None):
         parser.error(f"--sparse must be in (0, 1], got {args.sparse}")
     if not 0.0 < args.teacher_t_max <= 1.0 or not 0.0 < args.teacher_fraction <= 1.0:
         parser.error("--teacher-t-max and --teacher-fraction must be in (0, 1]")
+    if args.teacher_every < 1:
+        parser.error(f"--teacher-every must be >= 1, got {args.teacher_every}")
     if args.teacher_gradient_sigma < 0:
         parser.error(f"--teacher-gradient-sigma must be >= 0, got {args.teacher_gradient_sigma}")
     if args.method == "camgeo" and args.distill_target == "truth" and args.data:
@@ -267,8 +272,8 @@ def export_ema(checkpoint, destination, dtype=torch.float16):
 
 DISTILLATION_OPTIONS = ("teacher", "teacher_cameras", "distill_target", "traj_weight", "geo_weight",
                         "traj_intrinsics", "teacher_gate", "teacher_t_max", "teacher_gradient_sigma",
-                        "teacher_fraction", "schedule", "warmup", "warmup_fraction", "alpha_mid", "beta_mid",
-                        "schedule_width", "geo_gate", "spans", "gamma", "eta", "smoothness_weight")
+                        "teacher_fraction", "teacher_every", "schedule", "warmup", "warmup_fraction", "alpha_mid",
+                        "beta_mid", "schedule_width", "geo_gate", "spans", "gamma", "eta", "smoothness_weight")
 
 
 def save_checkpoint(out_dir, model, ema, optimizer, config, args, step, rng_states):
@@ -398,7 +403,8 @@ def make_geometry_loss(use_compile):
 
 def step_losses(args, model, teacher_model, geometry_loss, batch, step, generator, config, device):
     """One step's loss -> (loss to minimise, dict of the terms: loss_diff and, for camgeo, alpha, beta, loss_traj,
-    loss_geo (= loss_geo_depth + smoothness weight * loss_geo_smooth), teacher_clips)."""
+    loss_geo (= loss_geo_depth + smoothness weight * loss_geo_smooth), teacher_clips and teacher_factor, the
+    multiple of the distillation weights this step: --teacher-every on the steps the teacher runs, else 0)."""
     batch = {key: (value.to(device) if torch.is_tensor(value) else value) for key, value in batch.items()}
     camera, keyframe_mask, _ = camgeo.camera_inputs(batch["w2c"], batch["K"], args.method, args.sparse,
                                                     args.random_keyframes, generator, config.image_size,
@@ -409,14 +415,16 @@ def step_losses(args, model, teacher_model, geometry_loss, batch, step, generato
         return out["loss"], terms
     alpha, beta = distill.curriculum_weights(step, args.steps, args.schedule, args.warmup, args.warmup_fraction,
                                             args.alpha_mid, args.beta_mid, args.schedule_width)
-    terms.update(alpha=alpha, beta=beta)
-    if alpha > 0:  # phase 1 (warm-up) never runs the teacher
+    # phase 1 (warm-up) never runs the teacher; after it, every --teacher-every steps at that multiple of the weights
+    factor = args.teacher_every if alpha > 0 and step % args.teacher_every == 0 else 0
+    terms.update(alpha=alpha, beta=beta, teacher_factor=factor)
+    if factor:
         terms.update(distill.distillation_losses(teacher_model, geometry_loss, out, batch, keyframe_mask, args))
     else:
         terms.update({name: out["loss"].new_zeros(()) for name in
                       ("loss_traj", "loss_geo", "loss_geo_depth", "loss_geo_smooth")}, teacher_clips=0)
     loss = distill.total_loss(out["loss"], terms["loss_traj"], terms["loss_geo"], alpha, beta, args.geo_gate,
-                             args.traj_weight, args.geo_weight)
+                             factor * args.traj_weight, factor * args.geo_weight)
     return loss, terms
 
 
@@ -424,11 +432,11 @@ def term_gradient_norms(model, terms, args):
     """The gradient norm each weighted term of L_total sends to the student's parameters, before clipping:
     {grad_diff, grad_traj, grad_geo}. Three extra backward passes through the step's graph (kept for the real
     one), so only every --log-term-gradients steps; it shows which term steers the updates."""
-    alpha, beta = terms["alpha"], terms["beta"]
+    alpha, beta, factor = terms["alpha"], terms["beta"], terms["teacher_factor"]
     geo_factor = beta if args.geo_gate == "beta" else 1.0
     weighted = {"grad_diff": terms["loss_diff"],
-                "grad_traj": alpha * (1 - beta) * args.traj_weight * terms["loss_traj"],
-                "grad_geo": alpha * geo_factor * args.geo_weight * terms["loss_geo"]}
+                "grad_traj": alpha * (1 - beta) * factor * args.traj_weight * terms["loss_traj"],
+                "grad_geo": alpha * geo_factor * factor * args.geo_weight * terms["loss_geo"]}
     parameters = [p for p in model.parameters() if p.requires_grad]
     norms = {}
     for name, value in weighted.items():

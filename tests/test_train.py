@@ -205,14 +205,14 @@ def read_log(out):
 
 def test_camgeo_run_logs_every_loss_term_and_the_curriculum(tmp_path, teacher_path):
     # against the true poses, so that both terms are non-zero even for a teacher with random weights
-    out = smoke_run(tmp_path, "camgeo", steps=3, extra=("--no-warmup", "--distill-target", "truth"),
+    out = smoke_run(tmp_path, "camgeo", steps=3, extra=("--no-warmup", "--distill-target", "truth", "--teacher-every", "1"),
                     teacher_file=teacher_path)
     records = read_log(out)
     for r in records:
         assert {"loss", "loss_diff", "loss_traj", "loss_geo", "loss_geo_depth", "loss_geo_smooth", "alpha", "beta",
                 "teacher_clips"} <= r.keys()
-        expected = r["loss_diff"] + r["alpha"] * ((1 - r["beta"]) * distill.TRAJ_WEIGHT * r["loss_traj"]
-                                                  + r["beta"] * distill.GEO_WEIGHT * r["loss_geo"])
+        expected = r["loss_diff"] + r["alpha"] * r["teacher_factor"] * (
+            (1 - r["beta"]) * distill.TRAJ_WEIGHT * r["loss_traj"] + r["beta"] * distill.GEO_WEIGHT * r["loss_geo"])
         assert r["loss"] == pytest.approx(expected, rel=1e-5)
     assert any(r["teacher_clips"] > 0 and r["loss_traj"] > 0 and r["loss_geo"] > 0 for r in records)
 
@@ -248,8 +248,8 @@ def test_warmup_step_runs_no_teacher_and_is_the_diffusion_loss(tmp_path, teacher
 
 def gated_total(terms, traj_weight=distill.TRAJ_WEIGHT, geo_weight=distill.GEO_WEIGHT):
     """L_total with L_geo gated by beta, from the logged terms (the default weights unless given)."""
-    return terms["loss_diff"] + terms["alpha"] * ((1 - terms["beta"]) * traj_weight * terms["loss_traj"]
-                                                  + terms["beta"] * geo_weight * terms["loss_geo"])
+    return terms["loss_diff"] + terms["alpha"] * terms["teacher_factor"] * (
+        (1 - terms["beta"]) * traj_weight * terms["loss_traj"] + terms["beta"] * geo_weight * terms["loss_geo"])
 
 
 @pytest.mark.parametrize("extra, check", [
@@ -258,7 +258,7 @@ def gated_total(terms, traj_weight=distill.TRAJ_WEIGHT, geo_weight=distill.GEO_W
         6, 10, "linear") and torch.allclose(loss, gated_total(terms))),
     (("--smoothness-weight", "0"), lambda loss, terms: terms["loss_geo"] == terms["loss_geo_depth"]),
     (("--geo-gate", "printed"), lambda loss, terms: not torch.allclose(loss, gated_total(terms))
-     and torch.allclose(loss, terms["loss_diff"] + terms["alpha"] * (
+     and torch.allclose(loss, terms["loss_diff"] + terms["alpha"] * terms["teacher_factor"] * (
          (1 - terms["beta"]) * distill.TRAJ_WEIGHT * terms["loss_traj"] + distill.GEO_WEIGHT * terms["loss_geo"]))),
     (("--traj-weight", "3", "--geo-weight", "0.5"), lambda loss, terms: torch.allclose(loss, gated_total(terms, 3, 0.5))
      and not torch.allclose(loss, gated_total(terms))),
@@ -267,6 +267,27 @@ def test_each_curriculum_option_reaches_the_loss(tmp_path, teacher_path, extra, 
     loss, terms, args = one_step_terms(tmp_path, teacher_path, step=6, extra=("--teacher-fraction", "1", *extra))
     assert terms["teacher_clips"] > 0 and terms["loss_geo"] > 0 and terms["loss_traj"] > 0
     assert check(loss, terms)
+
+
+def test_teacher_every_n_steps_weighs_n_times_and_is_off_between(tmp_path, teacher_path):
+    every = ("--no-warmup", "--teacher-fraction", "1", "--teacher-every")
+    loss_1, terms_1, _ = one_step_terms(tmp_path, teacher_path, step=6, extra=(*every, "1"))
+    loss_2, terms_2, _ = one_step_terms(tmp_path, teacher_path, step=6, extra=(*every, "2"))
+    # the same step, batch and noise: the teacher's terms are the same, counted twice as much
+    assert terms_1["teacher_factor"] == 1 and terms_2["teacher_factor"] == 2
+    for name in ("loss_diff", "loss_traj", "loss_geo"):
+        assert torch.allclose(terms_1[name], terms_2[name])
+    distilled_1, distilled_2 = loss_1 - terms_1["loss_diff"], loss_2 - terms_2["loss_diff"]
+    assert distilled_1 > 0 and torch.allclose(distilled_2, 2 * distilled_1)
+    # between two teacher steps: no teacher, the diffusion loss alone
+    loss_off, terms_off, _ = one_step_terms(tmp_path, teacher_path, step=7, extra=(*every, "2"))
+    assert terms_off["teacher_clips"] == 0 and terms_off["teacher_factor"] == 0
+    assert torch.equal(loss_off, terms_off["loss_diff"])
+
+
+def test_teacher_every_must_be_positive(tmp_path):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--teacher-every", "0", "--out", str(tmp_path)])
 
 
 def distillation_of(video_pred, tmp_path, teacher_path, extra=(), camera_drop=None, t=None):
