@@ -65,14 +65,14 @@ def median_time(fn, device, repeats, warmup=1):
     return statistics.median(times)
 
 
-def paired_median_times(fn_a, fn_b, device, repeats):
-    """Median times of fn_a and fn_b, measured alternately (a, b, a, b, ...) so that a change in the machine's
-    load during the run affects both alike: their ratio is what this benchmark reports."""
-    times_a, times_b = [], []
+def paired_median_times(*fns, device, repeats):
+    """Median time of each function, measured in turn (a, b, a, b, ...) so that a change in the machine's load
+    during the run affects all alike: their ratios are what this benchmark reports."""
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        times_a.append(median_time(fn_a, device, 1, warmup=0))
-        times_b.append(median_time(fn_b, device, 1, warmup=0))
-    return statistics.median(times_a), statistics.median(times_b)
+        for fn, samples in zip(fns, times):
+            samples.append(median_time(fn, device, 1, warmup=0))
+    return [statistics.median(samples) for samples in times]
 
 
 def peak_memory(fn, device):
@@ -157,7 +157,8 @@ def bench_geometry(device, shapes, repeats, copy_bytes_per_s):
         compile_seconds = time.perf_counter() - started
         geometry_step(distill.geometry_loss, inputs)
         eager_s, compiled_s = paired_median_times(lambda: geometry_step(distill.geometry_loss, inputs),
-                                                  lambda: geometry_step(compiled, inputs), device, repeats)
+                                                  lambda: geometry_step(compiled, inputs), device=device,
+                                                  repeats=repeats)
         eager_peak = peak_memory(lambda: geometry_step(distill.geometry_loss, inputs), device)
         compiled_peak = peak_memory(lambda: geometry_step(compiled, inputs), device)
         traffic = GEO_VALUES_PER_PAIR_PIXEL * 4 * clips * num_pairs * size * size
@@ -219,7 +220,9 @@ def bench_teacher(teacher_model, device, batch_size, config, repeats):
 
 
 def bench_steps(teacher_model, device, batch_size, config, repeats, use_compile):
-    """A full optimisation step (losses, backward, clip, AdamW) of each method on the same batches."""
+    """A full optimisation step (losses, backward, clip, AdamW) of each method on the same batches: Sparse, a
+    CamGeo step that runs the teacher, one between two of those, and their mean over --teacher-every steps
+    (what a CamGeo run costs per step once the warm-up is over). -> that mean / the Sparse step."""
     train = train_module()
     import data
     clips = train.collate([data.render_clip(seed, config.num_frames, config.image_size, config.image_size)
@@ -235,26 +238,32 @@ def bench_steps(teacher_model, device, batch_size, config, repeats, use_compile)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         generator = torch.Generator().manual_seed(0)
 
-        def step(args=args, model=model, optimizer=optimizer, generator=generator):
-            loss, _ = train.step_losses(args, model, teacher_model, geometry_loss, clips, 60, generator, config,
-                                        device)
+        def step(at_step, args=args, model=model, optimizer=optimizer, generator=generator):
+            loss, _ = train.step_losses(args, model, teacher_model, geometry_loss, clips, at_step, generator,
+                                        config, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), train.GRAD_CLIP)
             optimizer.step()
 
-        for _ in range(2):  # the first CamGeo steps compile L_geo (or load it from the cache): not timed
-            step()
-        steps[method] = step
-    times = dict(zip(("sparse", "camgeo"), paired_median_times(steps["sparse"], steps["camgeo"], device, repeats)))
-    ratio = times["camgeo"] / times["sparse"]
+        # step 60 of 100 runs the teacher (60 is a multiple of --teacher-every 3) and step 61 does not
+        for at_step in ((60, 61) if method == "camgeo" else (60,)):
+            for _ in range(2):  # the first CamGeo steps compile L_geo (or load it from the cache): not timed
+                step(at_step)
+            steps[method if at_step == 60 else method + "_between"] = lambda step=step, at_step=at_step: step(at_step)
+        every = args.teacher_every
+    sparse, teacher_step, between = paired_median_times(steps["sparse"], steps["camgeo"], steps["camgeo_between"],
+                                                         device=device, repeats=repeats)
+    mean = (teacher_step + (every - 1) * between) / every
     print(f"\n## training step, cpu preset, batch {batch_size}: the teacher sees at most "
-          f"{math.ceil(distill.TEACHER_BATCH_FRACTION * batch_size)} of the {batch_size} clips (gated by noise level)")
-    print("| Sparse step | CamGeo step (defaults: aligned cameras, teacher-consistent target) "
-          "| ratio (target <= 1.5) |")
-    print("|---|---|---|")
-    print(f"| {times['sparse'] * 1e3:.0f} ms | {times['camgeo'] * 1e3:.0f} ms | {ratio:.2f}x |")
-    return ratio
+          f"{math.ceil(distill.TEACHER_BATCH_FRACTION * batch_size)} of the {batch_size} clips (gated by noise level), "
+          f"on one step in {every}")
+    print("| Sparse step | CamGeo step with the teacher (aligned cameras, teacher-consistent target) | CamGeo step "
+          f"between | CamGeo, mean over {every} steps | teacher step / Sparse | mean / Sparse (target <= 1.5) |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {sparse * 1e3:.0f} ms | {teacher_step * 1e3:.0f} ms | {between * 1e3:.0f} ms | {mean * 1e3:.0f} ms | "
+          f"{teacher_step / sparse:.2f}x | {mean / sparse:.2f}x |")
+    return mean / sparse
 
 
 def bench_sampling(device, config, repeats, num_steps):
@@ -280,7 +289,7 @@ def bench_sampling(device, config, repeats, num_steps):
 
             run()
             runs[info["method"]] = run
-    times = dict(zip(("sparse", "camgeo"), paired_median_times(runs["sparse"], runs["camgeo"], device, repeats)))
+    times = dict(zip(("sparse", "camgeo"), paired_median_times(runs["sparse"], runs["camgeo"], device=device, repeats=repeats)))
     print(f"\n## sampling ({num_steps} Euler steps with guidance, one clip, cpu preset)")
     print("| Sparse checkpoint | CamGeo checkpoint | ratio |")
     print("|---|---|---|")
