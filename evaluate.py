@@ -139,14 +139,21 @@ def validate(num_clips, num_frames, size, config, seed=0):
 
 METHOD_NAMES = {"full": "Full", "sparse": "Sparse", "linear": "Linear", "slerp": "SLERP", "camgeo": "CamGeo"}
 # Ablations of CamGeo (trained at the first ratio only): name -> (train.py flags, table name).
+# The first is the teacher on every step, as the paper trains, instead of every third step at three times the
+# weight (distill.TEACHER_EVERY); the others change one more thing of that every-step form, and are read
+# against it (study_differences), so each measures its own change and not the teacher's cadence too.
+EVERY_STEP = ["--teacher-every", "1"]
 ABLATIONS = {
-    "camgeo_nosmooth": (["--smoothness-weight", "0"], "CamGeo w/o smoothness"),
-    "camgeo_nowarmup": (["--no-warmup"], "CamGeo w/o warm-up"),
-    "camgeo_linsched": (["--schedule", "linear"], "CamGeo linear schedule"),
+    "camgeo_every1": (EVERY_STEP, "CamGeo, teacher on every step"),
+    "camgeo_nosmooth": (EVERY_STEP + ["--smoothness-weight", "0"], "CamGeo w/o smoothness"),
+    "camgeo_nowarmup": (EVERY_STEP + ["--no-warmup"], "CamGeo w/o warm-up"),
+    "camgeo_linsched": (EVERY_STEP + ["--schedule", "linear"], "CamGeo linear schedule"),
     # this implementation's departures from the printed form (distill.py), one at a time and both
-    "camgeo_unfiltered": (["--teacher-gradient-sigma", "0"], "CamGeo w/o gradient low-pass"),
-    "camgeo_unitweights": (["--traj-weight", "1", "--geo-weight", "1"], "CamGeo, the paper's weights (1)"),
-    "camgeo_unitweights_unfiltered": (["--traj-weight", "1", "--geo-weight", "1", "--teacher-gradient-sigma", "0"],
+    "camgeo_unfiltered": (EVERY_STEP + ["--teacher-gradient-sigma", "0"], "CamGeo w/o gradient low-pass"),
+    "camgeo_unitweights": (EVERY_STEP + ["--traj-weight", "1", "--geo-weight", "1"],
+                           "CamGeo, the paper's weights (1)"),
+    "camgeo_unitweights_unfiltered": (EVERY_STEP + ["--traj-weight", "1", "--geo-weight", "1",
+                                                    "--teacher-gradient-sigma", "0"],
                                       "CamGeo, the paper's weights, w/o gradient low-pass"),
 }
 TABLE_ORDER = [*METHOD_NAMES.values(), *(label for _, label in ABLATIONS.values())]  # rows; reference rows last
@@ -180,7 +187,7 @@ STUDY_PRESETS = {
     "smoke": StudyPreset("smoke", 4, 2, (0.5,), (0,), False, 2, 2.0,
                          estimator.EstimatorConfig(blur_levels=(2.0, 0.0), iterations_per_level=3),
                          ("--num-clips", "8", "--num-workers", "0"), plot_clips=2),
-    # hours on 2 CPU cores: 15 trainings of train.py's cpu preset (25-40 min each at one thread, two at a time with
+    # hours on 2 CPU cores: 16 trainings of train.py's cpu preset (25-40 min each at one thread, two at a time with
     # --jobs 2; 9 with --no-ablations), then 15 x 16 videos to sample (~3 s each) and, with the reference rows,
     # 18 x 16 to estimate (~25 s each). The trainings are train.py's own defaults, so CamGeo at 1/2, seed 0 is
     # the README's headline command.
@@ -438,15 +445,28 @@ def paired_differences(records, method="CamGeo", baseline="Sparse"):
     return lines
 
 
+def ablation_baseline(name):
+    """The table name an ablation is read against: CamGeo for the teacher's cadence itself, the every-step form
+    for an ablation trained at that cadence."""
+    flags, _ = ABLATIONS[name]
+    if name != "camgeo_every1" and flags[:len(EVERY_STEP)] == EVERY_STEP:
+        return ABLATIONS["camgeo_every1"][1]
+    return METHOD_NAMES["camgeo"]
+
+
 def study_differences(records):
-    """The paired differences a study reports: CamGeo - Sparse at every ratio, then each CamGeo ablation present
-    minus CamGeo (same seed, same clips), so an ablation is read against the spread of its own pairs rather than
-    the overlap of two means with wide clip-to-clip spreads. Markdown lines."""
+    """The paired differences a study reports: CamGeo - Sparse at every ratio (and the every-step CamGeo -
+    Sparse where it ran), then each CamGeo ablation present minus its baseline (same seed, same clips), so an
+    ablation is read against the spread of its own pairs rather than the overlap of two means with wide
+    clip-to-clip spreads. Markdown lines."""
     lines = paired_differences(records)
     present = {r["method"] for r in records}
-    for _, label in ABLATIONS.values():
+    every_step = ABLATIONS["camgeo_every1"][1]
+    if every_step in present:
+        lines += [""] + paired_differences(records, every_step, "Sparse")
+    for name, (_, label) in ABLATIONS.items():
         if label in present:
-            lines += [""] + paired_differences(records, label, "CamGeo")
+            lines += [""] + paired_differences(records, label, ablation_baseline(name))
     return lines
 
 

@@ -164,7 +164,7 @@ def test_study_trains_the_named_ablations_only_at_the_first_ratio():
     assert [r.name for r in runs] == ["sparse_0.5_0", "camgeo_0.5_0", "sparse_0.25_0", "camgeo_0.25_0",
                                       "camgeo_unfiltered_0.5_0", "sparse_0.5_1", "camgeo_0.5_1", "sparse_0.25_1",
                                       "camgeo_0.25_1", "camgeo_unfiltered_0.5_1"]
-    assert runs[4].flags == ("--teacher-gradient-sigma", "0")
+    assert runs[4].flags == ("--teacher-every", "1", "--teacher-gradient-sigma", "0")
 
 
 def test_unknown_ablation_is_a_one_line_error(tmp_path):
@@ -229,15 +229,19 @@ def test_paired_difference_interval_contains_zero_for_noise_alone(tmp_path):
     assert low < 0 < high
 
 
-def test_study_differences_read_each_ablation_against_camgeo_on_the_same_clips(tmp_path):
-    label = evaluate.ABLATIONS["camgeo_nowarmup"][1]
+def test_study_differences_read_each_ablation_against_its_baseline_on_the_same_clips(tmp_path):
+    label, every_step = evaluate.ABLATIONS["camgeo_nowarmup"][1], evaluate.ABLATIONS["camgeo_every1"][1]
+    assert evaluate.ablation_baseline("camgeo_nowarmup") == every_step
+    assert evaluate.ablation_baseline("camgeo_every1") == "CamGeo"
     rows = [("Sparse", "1/2", 0, c, 1.0) for c in range(10)] + [("CamGeo", "1/2", 0, c, 0.2 * c) for c in range(10)]
-    rows += [(label, "1/2", 0, c, 0.2 * c + 0.05) for c in range(10)]  # 0.05 worse than CamGeo on every clip
+    rows += [(every_step, "1/2", 0, c, 0.3 * c) for c in range(10)]
+    rows += [(label, "1/2", 0, c, 0.3 * c + 0.05) for c in range(10)]  # 0.05 worse than its baseline on every clip
     write_per_clip(tmp_path / "part.csv", rows)
     lines = evaluate.study_differences(evaluate.read_per_clip([tmp_path / "part.csv"]))
-    header = next(i for i, line in enumerate(lines) if line.startswith(f"| {label} − CamGeo |"))
+    header = next(i for i, line in enumerate(lines) if line.startswith(f"| {label} − {every_step} |"))
     assert lines[header + 2].split(" | ")[3].startswith("+0.050 [+0.050, +0.050]")
-    assert sum(line.startswith("| ") and "−" in line for line in lines) == 2  # CamGeo − Sparse, and this ablation
+    # CamGeo − Sparse, the every-step form − Sparse and − CamGeo, and the ablation − the every-step form
+    assert sum(line.startswith("| ") and "−" in line for line in lines) == 4
 
 
 def test_combine_writes_one_table_from_several_parts(tmp_path):
