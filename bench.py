@@ -250,7 +250,8 @@ def bench_steps(teacher_model, device, batch_size, config, repeats, use_compile)
         for at_step in ((60, 61) if method == "camgeo" else (60,)):
             for _ in range(2):  # the first CamGeo steps compile L_geo (or load it from the cache): not timed
                 step(at_step)
-            steps[method if at_step == 60 else method + "_between"] = lambda step=step, at_step=at_step: step(at_step)
+            name = method if at_step == 60 else method + "_between"
+            steps[name] = lambda step=step, at_step=at_step: step(at_step)
         every = args.teacher_every
     sparse, teacher_step, between = paired_median_times(steps["sparse"], steps["camgeo"], steps["camgeo_between"],
                                                          device=device, repeats=repeats)
@@ -289,7 +290,8 @@ def bench_sampling(device, config, repeats, num_steps):
 
             run()
             runs[info["method"]] = run
-    times = dict(zip(("sparse", "camgeo"), paired_median_times(runs["sparse"], runs["camgeo"], device=device, repeats=repeats)))
+    times = dict(zip(("sparse", "camgeo"), paired_median_times(runs["sparse"], runs["camgeo"], device=device,
+                                                               repeats=repeats)))
     print(f"\n## sampling ({num_steps} Euler steps with guidance, one clip, cpu preset)")
     print("| Sparse checkpoint | CamGeo checkpoint | ratio |")
     print("|---|---|---|")

@@ -38,9 +38,10 @@ TEACHER_GRADIENT_SIGMA = 1.5
 TEACHER_BATCH_FRACTION = 0.125
 # The teacher runs on every N-th step after the warm-up, and there its two losses weigh N times as much: the
 # expected gradient is the same as running it every step (lazy regularisation, as StyleGAN2 does for its R1
-# penalty), for a third of the teacher's cost, which is most of what a CamGeo step adds (bench.py). Adam's first
-# moment averages over about ten steps, so the student sees the pull spread out; gradient clipping never acts in
-# these runs (their grad_norm stays near 0.05 against the clip at 1).
+# penalty), for a third of the teacher's cost, which is most of what a CamGeo step adds (bench.py); gradient
+# clipping never acts in these runs (grad_norm stays near 0.05 against the clip at 1). It is not free: Adam is
+# not linear in its gradients, and against every step the study measures about 0.1 dB less PSNR (RESULTS.md).
+# 3 is what keeps `python train.py --sparse 0.5` under 20 minutes on 2 CPU cores; 1 is the paper's cadence.
 TEACHER_EVERY = 3
 # What the teacher's reading of x0_hat is compared with. "teacher": its reading of the real clip x0 (L_traj
 # between the two trajectories; L_geo only where x0_hat is less consistent than x0), so both losses are exactly

@@ -188,8 +188,8 @@ STUDY_PRESETS = {
                          estimator.EstimatorConfig(blur_levels=(2.0, 0.0), iterations_per_level=3),
                          ("--num-clips", "8", "--num-workers", "0"), plot_clips=2),
     # hours on 2 CPU cores: 16 trainings of train.py's cpu preset (25-40 min each at one thread, two at a time with
-    # --jobs 2; 9 with --no-ablations), then 15 x 16 videos to sample (~3 s each) and, with the reference rows,
-    # 18 x 16 to estimate (~25 s each). The trainings are train.py's own defaults, so CamGeo at 1/2, seed 0 is
+    # --jobs 2; 9 with --no-ablations), then 16 x 16 videos to sample (~3 s each) and, with the reference rows,
+    # 19 x 16 to estimate (~25 s each). The trainings are train.py's own defaults, so CamGeo at 1/2, seed 0 is
     # the README's headline command.
     "cpu": StudyPreset("cpu", None, 16, (0.5, 0.25), (0,), True, 25, 2.0, estimator.EstimatorConfig()),
     # one GPU for training and sampling (the estimator stays on the CPU)

@@ -29,7 +29,8 @@ as JSON in the safetensors metadata; the teacher is never saved), train_state.pt
 random-number states of every rank: what --resume needs to continue exactly as an uninterrupted run would;
 loadable with torch.load(weights_only=True)) and log.jsonl (one line per step: the loss and each of its terms,
 alpha and beta of the curriculum, the teacher's weight multiple that step, lr, grad norm; with
---log-term-gradients N, every N steps the gradient norm of each term). sample.py reads ckpt.safetensors and never the teacher.
+--log-term-gradients N, every N steps the gradient norm of each term). sample.py reads ckpt.safetensors and
+never the teacher.
 
 Camera conditioning per method (keyframes: camgeo.camera_inputs):
   camgeo / sparse  poses at the keyframes only, keyframe mask 1 there and 0 elsewhere (the model sees what is

@@ -204,9 +204,10 @@ def read_log(out):
 
 
 def test_camgeo_run_logs_every_loss_term_and_the_curriculum(tmp_path, teacher_path):
-    # against the true poses, so that both terms are non-zero even for a teacher with random weights
-    out = smoke_run(tmp_path, "camgeo", steps=3, extra=("--no-warmup", "--distill-target", "truth", "--teacher-every", "1"),
-                    teacher_file=teacher_path)
+    # against the true poses, so that both terms are non-zero even for a teacher with random weights; the teacher
+    # on every step, so that the cadence skips none of the three
+    out = smoke_run(tmp_path, "camgeo", steps=3, teacher_file=teacher_path,
+                    extra=("--no-warmup", "--distill-target", "truth", "--teacher-every", "1"))
     records = read_log(out)
     for r in records:
         assert {"loss", "loss_diff", "loss_traj", "loss_geo", "loss_geo_depth", "loss_geo_smooth", "alpha", "beta",
