@@ -17,6 +17,7 @@ Peak memory is the largest rise of allocated tensor memory during one call: on C
 record of every allocation and free (torch.profiler, profile_memory=True), on CUDA torch.cuda.max_memory_allocated.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -229,8 +230,10 @@ def bench_steps(teacher_model, device, batch_size, config, repeats, use_compile)
                            for seed in range(batch_size)])
     geometry_loss = train.make_geometry_loss(use_compile)
     steps = {}
+    every = distill.TEACHER_EVERY  # train.py's default cadence, which the parsed args below carry
+    # about step 60 of 100 (alpha ~ 1, beta ~ 0.97: both distillation losses are computed), on the teacher's cadence
+    teacher_at = 60 - 60 % every
     for method in ("sparse", "camgeo"):
-        # step 60 of 100: alpha ~ 1 and beta ~ 0.97, both distillation losses are computed
         args = train.parse_args(["--method", method, "--preset", "cpu", "--steps", "100", "--batch-size",
                                  str(batch_size)])
         torch.manual_seed(0)
@@ -246,13 +249,13 @@ def bench_steps(teacher_model, device, batch_size, config, repeats, use_compile)
             torch.nn.utils.clip_grad_norm_(model.parameters(), train.GRAD_CLIP)
             optimizer.step()
 
-        # step 60 of 100 runs the teacher (60 is a multiple of --teacher-every 3) and step 61 does not
-        for at_step in ((60, 61) if method == "camgeo" else (60,)):
+        timed = {method: teacher_at}
+        if method == "camgeo":
+            timed["camgeo_between"] = teacher_at + 1  # runs no teacher (for --teacher-every > 1)
+        for name, at_step in timed.items():
             for _ in range(2):  # the first CamGeo steps compile L_geo (or load it from the cache): not timed
                 step(at_step)
-            name = method if at_step == 60 else method + "_between"
-            steps[name] = lambda step=step, at_step=at_step: step(at_step)
-        every = args.teacher_every
+            steps[name] = functools.partial(step, at_step)
     sparse, teacher_step, between = paired_median_times(steps["sparse"], steps["camgeo"], steps["camgeo_between"],
                                                          device=device, repeats=repeats)
     mean = (teacher_step + (every - 1) * between) / every
