@@ -230,18 +230,23 @@ def test_paired_difference_interval_contains_zero_for_noise_alone(tmp_path):
 
 
 def test_study_differences_read_each_ablation_against_its_baseline_on_the_same_clips(tmp_path):
-    label, every_step = evaluate.ABLATIONS["camgeo_nowarmup"][1], evaluate.ABLATIONS["camgeo_every1"][1]
-    assert evaluate.ablation_baseline("camgeo_nowarmup") == every_step
-    assert evaluate.ablation_baseline("camgeo_every1") == "CamGeo"
+    ablations = evaluate.ABLATIONS
+    label, every_step, quarter = (ablations[name].label for name in ("camgeo_nowarmup", "camgeo_every1",
+                                                                      "camgeo_w025"))
+    # each is read against the ablation that differs from it by one choice, down to the defaults
+    assert ablations["camgeo_nowarmup"].baseline == every_step
+    assert ablations["camgeo_every1"].baseline == quarter
+    assert ablations["camgeo_w025"].baseline == "CamGeo"
     rows = [("Sparse", "1/2", 0, c, 1.0) for c in range(10)] + [("CamGeo", "1/2", 0, c, 0.2 * c) for c in range(10)]
+    rows += [(quarter, "1/2", 0, c, 0.25 * c) for c in range(10)]
     rows += [(every_step, "1/2", 0, c, 0.3 * c) for c in range(10)]
     rows += [(label, "1/2", 0, c, 0.3 * c + 0.05) for c in range(10)]  # 0.05 worse than its baseline on every clip
     write_per_clip(tmp_path / "part.csv", rows)
     lines = evaluate.study_differences(evaluate.read_per_clip([tmp_path / "part.csv"]))
     header = next(i for i, line in enumerate(lines) if line.startswith(f"| {label} − {every_step} |"))
     assert lines[header + 2].split(" | ")[3].startswith("+0.050 [+0.050, +0.050]")
-    # CamGeo − Sparse, the every-step form − Sparse and − CamGeo, and the ablation − the every-step form
-    assert sum(line.startswith("| ") and "−" in line for line in lines) == 4
+    # CamGeo, the weight-0.25 form and its every-step form − Sparse; then each ablation − its baseline
+    assert sum(line.startswith("| ") and "−" in line for line in lines) == 6
 
 
 def test_combine_writes_one_table_from_several_parts(tmp_path):
