@@ -11,7 +11,7 @@
     python train.py --no-warmup                       #   w/o warm-up,
     python train.py --schedule linear                 #   linear instead of sigmoid schedules
     python train.py --distill-target truth            # the paper's printed target: the true keyframe poses
-    python train.py --traj-weight 1 --geo-weight 1    # the paper's loss weights (the defaults are 0.25)
+    python train.py --traj-weight 1 --geo-weight 1    # the paper's loss weights (the defaults are 0.1)
     python train.py --teacher-gradient-sigma 0        # the teacher's gradient to the student unfiltered
     python train.py --teacher-cameras head            # the teacher's camera head instead of its aligned cameras
     python train.py --teacher-every 1                 # the teacher on every step (default: every 3rd, weighted x3)
