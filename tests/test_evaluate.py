@@ -152,8 +152,7 @@ def test_smoke_study_reuses_its_checkpoint(smoke_study, capsys):
 @pytest.mark.parametrize("name", sorted(evaluate.ABLATIONS))
 def test_every_study_run_is_a_valid_train_py_command(name, tmp_path):
     preset = evaluate.STUDY_PRESETS["cpu"]
-    flags, _ = evaluate.ABLATIONS[name]
-    run = evaluate.Run(name, "camgeo", 0.5, 0, tuple(flags), name)
+    run = evaluate.Run(name, "camgeo", 0.5, 0, tuple(evaluate.ABLATIONS[name].flags), name)
     command = evaluate.train_command(run, preset, str(tmp_path), "cpu", 1)
     args = train.parse_args(command[2:])  # argparse exits on a flag train.py does not have
     assert args.method == "camgeo" and args.out == str(tmp_path)
@@ -164,7 +163,8 @@ def test_study_trains_the_named_ablations_only_at_the_first_ratio():
     assert [r.name for r in runs] == ["sparse_0.5_0", "camgeo_0.5_0", "sparse_0.25_0", "camgeo_0.25_0",
                                       "camgeo_unfiltered_0.5_0", "sparse_0.5_1", "camgeo_0.5_1", "sparse_0.25_1",
                                       "camgeo_0.25_1", "camgeo_unfiltered_0.5_1"]
-    assert runs[4].flags == ("--teacher-every", "1", "--teacher-gradient-sigma", "0")
+    assert runs[4].flags == ("--traj-weight", "0.25", "--geo-weight", "0.25", "--teacher-every", "1",
+                             "--teacher-gradient-sigma", "0")
 
 
 def test_unknown_ablation_is_a_one_line_error(tmp_path):
