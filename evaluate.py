@@ -147,8 +147,8 @@ class Ablation(NamedTuple):
     baseline: str  # the table name it is read against
 
 
-# Ablations of CamGeo (trained at the first ratio only), by name. Each differs from its baseline by one choice,
-# and study_differences pairs the two clip by clip, so each measures its own change. The first two step back
+# Ablations of CamGeo (trained at the first ratio only), by name. Each differs from its baseline by one choice
+# (the last by two), and study_differences pairs the two clip by clip, so each measures its own change. The first two step back
 # from the defaults: both distillation weights 0.25 instead of distill.TRAJ_WEIGHT / GEO_WEIGHT, then that with
 # the teacher on every step, as the paper trains, instead of every third step at three times the weight
 # (distill.TEACHER_EVERY). The paper's own ablations and this implementation's departures from the printed form
@@ -163,6 +163,7 @@ ABLATIONS = {
                                 EVERY_STEP_LABEL),
     "camgeo_nowarmup": Ablation(EVERY_STEP + ["--no-warmup"], "CamGeo w/o warm-up", EVERY_STEP_LABEL),
     "camgeo_linsched": Ablation(EVERY_STEP + ["--schedule", "linear"], "CamGeo linear schedule", EVERY_STEP_LABEL),
+    # this implementation's departures from the printed form (distill.py), one at a time and both
     "camgeo_unfiltered": Ablation(EVERY_STEP + ["--teacher-gradient-sigma", "0"], "CamGeo w/o gradient low-pass",
                                   EVERY_STEP_LABEL),
     "camgeo_unitweights": Ablation(["--teacher-every", "1", "--traj-weight", "1", "--geo-weight", "1"],

@@ -8,6 +8,7 @@ from PIL import Image
 
 import camgeo
 import data
+import distill
 import estimator
 import evaluate
 import geometry
@@ -156,6 +157,12 @@ def test_every_study_run_is_a_valid_train_py_command(name, tmp_path):
     command = evaluate.train_command(run, preset, str(tmp_path), "cpu", 1)
     args = train.parse_args(command[2:])  # argparse exits on a flag train.py does not have
     assert args.method == "camgeo" and args.out == str(tmp_path)
+    # its baseline is a row the study can train (CamGeo or another ablation), so the pair can be read
+    assert evaluate.ABLATIONS[name].baseline in ["CamGeo"] + [a.label for a in evaluate.ABLATIONS.values()]
+    if "weights 0.25" in evaluate.ABLATIONS[name].label:  # the label says what the flags train
+        assert args.traj_weight == args.geo_weight == 0.25
+        assert args.teacher_every == (1 if "every step" in evaluate.ABLATIONS[name].label
+                                      else distill.TEACHER_EVERY)
 
 
 def test_study_trains_the_named_ablations_only_at_the_first_ratio():
