@@ -148,17 +148,19 @@ class Ablation(NamedTuple):
 
 
 # Ablations of CamGeo (trained at the first ratio only), by name. Each differs from its baseline by one choice
-# (the last by two), and study_differences pairs the two clip by clip, so each measures its own change. The first two step back
-# from the defaults: both distillation weights 0.25 instead of distill.TRAJ_WEIGHT / GEO_WEIGHT, then that with
-# the teacher on every step, as the paper trains, instead of every third step at three times the weight
-# (distill.TEACHER_EVERY). The paper's own ablations and this implementation's departures from the printed form
-# change one more thing of that every-step form.
+# (the last by two), and study_differences pairs the two clip by clip, so each measures its own change. The first
+# two step back from the defaults: both distillation weights 0.25 instead of distill.TRAJ_WEIGHT / GEO_WEIGHT,
+# then that with the teacher on every step, as the paper trains, instead of every third step at three times the
+# weight (distill.TEACHER_EVERY). The paper's own ablations and this implementation's departures from the printed
+# form change one more thing of that every-step form.
 QUARTER_WEIGHTS = ["--traj-weight", "0.25", "--geo-weight", "0.25"]
+QUARTER_WEIGHTS_LABEL = "CamGeo, weights 0.25"
 EVERY_STEP = QUARTER_WEIGHTS + ["--teacher-every", "1"]
 EVERY_STEP_LABEL = "CamGeo, weights 0.25, teacher on every step"
+PAPER_WEIGHTS_EVERY_STEP = ["--teacher-every", "1", "--traj-weight", "1", "--geo-weight", "1"]
 ABLATIONS = {
-    "camgeo_w025": Ablation(QUARTER_WEIGHTS, "CamGeo, weights 0.25", "CamGeo"),
-    "camgeo_every1": Ablation(EVERY_STEP, EVERY_STEP_LABEL, "CamGeo, weights 0.25"),
+    "camgeo_w025": Ablation(QUARTER_WEIGHTS, QUARTER_WEIGHTS_LABEL, METHOD_NAMES["camgeo"]),
+    "camgeo_every1": Ablation(EVERY_STEP, EVERY_STEP_LABEL, QUARTER_WEIGHTS_LABEL),
     "camgeo_nosmooth": Ablation(EVERY_STEP + ["--smoothness-weight", "0"], "CamGeo w/o smoothness",
                                 EVERY_STEP_LABEL),
     "camgeo_nowarmup": Ablation(EVERY_STEP + ["--no-warmup"], "CamGeo w/o warm-up", EVERY_STEP_LABEL),
@@ -166,10 +168,8 @@ ABLATIONS = {
     # this implementation's departures from the printed form (distill.py), one at a time and both
     "camgeo_unfiltered": Ablation(EVERY_STEP + ["--teacher-gradient-sigma", "0"], "CamGeo w/o gradient low-pass",
                                   EVERY_STEP_LABEL),
-    "camgeo_unitweights": Ablation(["--teacher-every", "1", "--traj-weight", "1", "--geo-weight", "1"],
-                                   "CamGeo, the paper's weights (1)", EVERY_STEP_LABEL),
-    "camgeo_unitweights_unfiltered": Ablation(["--teacher-every", "1", "--traj-weight", "1", "--geo-weight", "1",
-                                               "--teacher-gradient-sigma", "0"],
+    "camgeo_unitweights": Ablation(PAPER_WEIGHTS_EVERY_STEP, "CamGeo, the paper's weights (1)", EVERY_STEP_LABEL),
+    "camgeo_unitweights_unfiltered": Ablation(PAPER_WEIGHTS_EVERY_STEP + ["--teacher-gradient-sigma", "0"],
                                               "CamGeo, the paper's weights, w/o gradient low-pass", EVERY_STEP_LABEL),
 }
 # the table's rows; the reference rows come last
