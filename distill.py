@@ -49,6 +49,10 @@ TEACHER_EVERY = 3
 # zero at x0_hat = x0 and never pull the student off the data to suit the teacher's own errors. "truth": the
 # ground-truth keyframe poses and the plain L_geo, as printed in the paper.
 DISTILL_TARGET = "teacher"
+# The frames L_traj compares. "keyframes": the frames whose pose the student is given (the paper's S). "all": every
+# frame, which only the teacher target allows: the teacher's reading of the real clip needs no camera label, so it
+# can supervise the frames between keyframes, where a sparse student has no pose to follow.
+TRAJ_FRAMES = "keyframes"
 # Weights of the two distillation terms inside L_total. The paper's are 1; here one distilled clip, read by a
 # teacher that sees a prediction much less well than a real frame, then pulls on the student as hard as the
 # diffusion loss of the whole batch, and costs image quality (RESULTS.md). The cost falls with the weight: the
@@ -315,7 +319,8 @@ def distillation_losses(teacher_model, geometry_loss, out, batch, keyframe_mask,
     multiple (teacher.teacher_geometry); its parameters are frozen, the gradient flows through it to x0_hat,
     low-passed by --teacher-gradient-sigma.
     With --distill-target teacher it also reads the real clip (no gradient) and that reading is the target:
-    L_traj between the two trajectories, and L_geo only by how much x0_hat is less consistent than x0.
+    L_traj between the two trajectories (at the keyframes, or with --traj-frames all at every frame), and L_geo
+    only by how much x0_hat is less consistent than x0.
     """
     B = out["t"].shape[0]
     weights = teacher_weight(out["t"], args.teacher_t_max, args.teacher_gate) * ~out["camera_drop"]
@@ -341,7 +346,8 @@ def distillation_losses(teacher_model, geometry_loss, out, batch, keyframe_mask,
         geo = (geo - real_geo).clamp(min=0)
     else:
         target_w2c, target_K, target_scale = w2c, K, scene_scale(batch["depth"][chosen])
-    traj = trajectory_loss(seen["extrinsics"], seen["intrinsics"], target_w2c, target_K, keyframe_mask[chosen],
+    traj_mask = keyframe_mask[chosen] if args.traj_frames == "keyframes" else torch.ones_like(keyframe_mask[chosen])
+    traj = trajectory_loss(seen["extrinsics"], seen["intrinsics"], target_w2c, target_K, traj_mask,
                            frames.shape[-2:], scene_scale(seen["depth"]), target_scale, args.traj_intrinsics)
     gate = weights[chosen]
     terms.update({name: (gate * value).sum() / B for name, value in

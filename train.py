@@ -117,6 +117,9 @@ def parse_args(argv=None):
     distillation.add_argument("--distill-target", choices=("teacher", "truth"), default=distill.DISTILL_TARGET,
                          help="compare the teacher's reading of the predicted video with its reading of the real "
                               "clip (zero at the data), or with the true keyframe poses (the paper's form)")
+    distillation.add_argument("--traj-frames", choices=("keyframes", "all"), default=distill.TRAJ_FRAMES,
+                         help="frames L_traj compares: the keyframes (the paper's), or every frame (needs "
+                              "--distill-target teacher)")
     distillation.add_argument("--traj-weight", type=float, default=distill.TRAJ_WEIGHT, help="weight of L_traj")
     distillation.add_argument("--geo-weight", type=float, default=distill.GEO_WEIGHT, help="weight of L_geo")
     distillation.add_argument("--traj-intrinsics", action="store_true",
@@ -164,6 +167,9 @@ def parse_args(argv=None):
         parser.error(f"--teacher-every must be >= 1, got {args.teacher_every}")
     if args.teacher_gradient_sigma < 0:
         parser.error(f"--teacher-gradient-sigma must be >= 0, got {args.teacher_gradient_sigma}")
+    if args.traj_frames == "all" and args.distill_target != "teacher":
+        parser.error("--traj-frames all needs --distill-target teacher: the true poses between keyframes are what a "
+                     "sparse student is not given")
     if args.method == "camgeo" and args.distill_target == "truth" and args.data:
         parser.error("--distill-target truth measures translations in units of the true scene depth, which a "
                      "RealEstate10K folder does not have; use --distill-target teacher")
@@ -271,7 +277,7 @@ def export_ema(checkpoint, destination, dtype=torch.float16):
     atomic_write(destination, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-DISTILLATION_OPTIONS = ("teacher", "teacher_cameras", "distill_target", "traj_weight", "geo_weight",
+DISTILLATION_OPTIONS = ("teacher", "teacher_cameras", "distill_target", "traj_frames", "traj_weight", "geo_weight",
                         "traj_intrinsics", "teacher_gate", "teacher_t_max", "teacher_gradient_sigma",
                         "teacher_fraction", "teacher_every", "schedule", "warmup", "warmup_fraction", "alpha_mid",
                         "beta_mid", "schedule_width", "geo_gate", "spans", "gamma", "eta", "smoothness_weight")

@@ -309,6 +309,25 @@ def test_teacher_consistent_target_is_zero_when_the_prediction_is_the_real_clip(
     assert shifted["loss_traj"] > 0
 
 
+def test_trajectory_on_every_frame_compares_the_frames_between_keyframes(tmp_path, teacher_path, monkeypatch):
+    compared = {}
+    trajectory_loss = distill.trajectory_loss
+
+    def recording(*args):
+        compared["mask"] = args[4]  # keyframe_mask: the frames L_traj averages over
+        return trajectory_loss(*args)
+
+    monkeypatch.setattr(distill, "trajectory_loss", recording)
+    every = ("--traj-frames", "all")
+    assert distillation_of(lambda video: video, tmp_path, teacher_path, extra=every)["loss_traj"] == 0
+    assert compared["mask"].all()
+    assert distillation_of(lambda video: video.roll(1, dims=0), tmp_path, teacher_path, extra=every)["loss_traj"] > 0
+    distillation_of(lambda video: video, tmp_path, teacher_path)
+    assert compared["mask"].sum(-1).tolist() == [2, 2, 2, 2]  # the first and last frames, as given
+    with pytest.raises(SystemExit):  # the true poses between keyframes are what a sparse student is not given
+        train.parse_args([*every, "--distill-target", "truth", "--out", str(tmp_path)])
+
+
 def test_low_passed_teacher_gradient_changes_the_gradient_not_the_losses(tmp_path, teacher_path):
     readings = {}
     for sigma in ("0", "1.5"):
