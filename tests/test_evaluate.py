@@ -174,6 +174,13 @@ def test_study_trains_the_named_ablations_only_at_the_first_ratio():
                              "--teacher-gradient-sigma", "0")
 
 
+def test_named_ablations_train_without_the_methods_they_are_read_against(tmp_path):
+    evaluate.main(["--preset", "smoke", "--methods", "", "--ablations", "camgeo_trajall", "--out", str(tmp_path)])
+    with open(tmp_path / "per_clip.csv") as f:
+        runs = {row["run"] for row in csv.DictReader(f)}
+    assert runs == {"camgeo_trajall_0.5_0", evaluate.GT_RUN, evaluate.DEGRADED_RUN, evaluate.STILL_RUN}
+
+
 def test_unknown_ablation_is_a_one_line_error(tmp_path):
     with pytest.raises(ValueError, match="unknown ablation"):
         evaluate.main(["--preset", "smoke", "--methods", "camgeo", "--ablations", "camgeo_nosmooth,camgeo_blue",
@@ -238,10 +245,11 @@ def test_paired_difference_interval_contains_zero_for_noise_alone(tmp_path):
 
 def test_study_differences_read_each_ablation_against_its_baseline_on_the_same_clips(tmp_path):
     ablations = evaluate.ABLATIONS
-    label, every_step, quarter = (ablations[name].label for name in ("camgeo_nowarmup", "camgeo_every1",
+    label, every_step, quarter = (ablations[name].label for name in ("camgeo_every1_nowarmup", "camgeo_every1",
                                                                       "camgeo_w025"))
     # each is read against the ablation that differs from it by one choice, down to the defaults
-    assert ablations["camgeo_nowarmup"].baseline == every_step
+    assert ablations["camgeo_nowarmup"].baseline == "CamGeo"
+    assert ablations["camgeo_every1_nowarmup"].baseline == every_step
     assert ablations["camgeo_every1"].baseline == quarter
     assert ablations["camgeo_w025"].baseline == "CamGeo"
     rows = [("Sparse", "1/2", 0, c, 1.0) for c in range(10)] + [("CamGeo", "1/2", 0, c, 0.2 * c) for c in range(10)]
