@@ -15,6 +15,7 @@
     python train.py --teacher-gradient-sigma 0        # the teacher's gradient to the student unfiltered
     python train.py --teacher-cameras head            # the teacher's camera head instead of its aligned cameras
     python train.py --teacher-every 1                 # the teacher on every step (default: every 3rd, weighted x3)
+    python train.py --traj-frames all                 # L_traj at every frame, not only the keyframes
     python train.py --preset smoke --steps 20         # seconds, for tests
     python train.py --preset gpu --device cuda        # the larger model on one GPU
     torchrun --standalone --nproc_per_node=2 train.py --preset smoke   # DistributedDataParallel (gloo on CPU,
