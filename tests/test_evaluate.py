@@ -212,8 +212,9 @@ def write_per_clip(path, rows):
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(evaluate.PER_CLIP_COLUMNS)
-        for method, keyframes, seed, clip, rot in rows:
-            writer.writerow([f"{method}_{seed}", method, keyframes, seed, clip, rot, 1.0, 1.0, 20.0, 0.5, 0.1])
+        for method, keyframes, seed, clip, rot, *psnr in rows:
+            writer.writerow([f"{method}_{seed}", method, keyframes, seed, clip, rot, 1.0, 1.0, *(psnr or [20.0]), 0.5,
+                             0.1])
 
 
 def test_paired_difference_pairs_clips_and_seeds_and_its_interval_covers_a_known_shift(tmp_path):
@@ -273,19 +274,28 @@ def test_combine_writes_one_table_from_several_parts(tmp_path):
     assert "| CamGeo | 1/2 |" in table and "CamGeo − Sparse" in table
 
 
-def test_combine_keeps_a_video_shared_by_two_parts_once_and_rejects_one_scored_differently(tmp_path):
+def test_combine_keeps_a_video_shared_by_two_parts_once_and_rejects_another_video_in_its_place(tmp_path):
     # two parts of one seed: different methods, the same ground-truth floor in both
     write_per_clip(tmp_path / "a.csv", [("Sparse", "1/2", 0, c, 0.5) for c in range(3)]
                    + [("Floor", "all", 0, c, 0.1) for c in range(3)])
     write_per_clip(tmp_path / "b.csv", [("CamGeo", "1/2", 0, c, 0.4) for c in range(3)]
                    + [("Floor", "all", 0, c, 0.1) for c in range(3)])
-    records = evaluate.read_per_clip([tmp_path / "a.csv", tmp_path / "b.csv"])
+    notes = []
+    records = evaluate.read_per_clip([tmp_path / "a.csv", tmp_path / "b.csv"], notes)
     assert sorted((r["method"], r["clip_seed"]) for r in records if r["method"] == "Floor") == [
         ("Floor", 0), ("Floor", 1), ("Floor", 2)]
     assert len(records) == 9
-    write_per_clip(tmp_path / "c.csv", [("Floor", "all", 0, 1, 0.2)])
-    with pytest.raises(ValueError, match="clip 1 is in .*a.csv and in .*c.csv with different scores"):
-        evaluate.read_per_clip([tmp_path / "a.csv", tmp_path / "c.csv"])
+    assert notes[0].startswith("3 videos were scored in two parts") and "for 0 of them" in notes[0]
+    # the same video (same image scores), its camera estimated on another machine: the first kept, the spread noted
+    write_per_clip(tmp_path / "c.csv", [("Floor", "all", 0, 1, 0.13)])
+    notes = []
+    records = evaluate.read_per_clip([tmp_path / "a.csv", tmp_path / "c.csv"], notes)
+    assert [r["RotErr"] for r in records if r["method"] == "Floor"] == [0.1, 0.1, 0.1]
+    assert "differ for 1 of them, by at most RotErr 0.03," in notes[0]
+    # another video in its place (other image scores): an error, not a silent choice
+    write_per_clip(tmp_path / "d.csv", [("Floor", "all", 0, 1, 0.1, 21.0)])
+    with pytest.raises(ValueError, match="clip 1 is in .*a.csv and in .*d.csv with different scores"):
+        evaluate.read_per_clip([tmp_path / "a.csv", tmp_path / "d.csv"])
 
 
 def test_combine_rejects_a_file_that_is_not_per_clip_results(tmp_path):
