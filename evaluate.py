@@ -494,6 +494,25 @@ def study_differences(records):
     return lines
 
 
+def compare_scorings(first_path, second_path):
+    """Two per_clip.csv files that score the same student runs (the run retrained, or its videos estimated on
+    another machine) -> Markdown lines: second - first, paired by clip, for every student run in both. What a
+    study's paired intervals resample is the clips; this is how much the same run moves without any change of
+    method, which a difference between methods has to exceed."""
+    first, second = read_per_clip([first_path]), read_per_clip([second_path])
+    students = lambda records: {r["run"] for r in records if not np.isnan(r["sample_s"])}  # references: no sampling
+    runs = sorted(students(first) & students(second))
+    if not runs:
+        raise ValueError(f"{first_path} and {second_path} score no student run in common")
+    lines = []
+    for run in runs:
+        method = next(r["method"] for r in first if r["run"] == run)
+        again = f"{method}, scored again"
+        records = [r for r in first if r["run"] == run] + [{**r, "method": again} for r in second if r["run"] == run]
+        lines += paired_differences(records, again, method) + [""]
+    return lines
+
+
 def write_tables(rows, out_dir, notes, differences=()):
     columns = ["method", "keyframes", "clips", "seeds"] + [
         f"{name}{suffix}" for name in METRICS for suffix in ("", "_median", "_std_clips", "_std_seeds")] + [
@@ -749,6 +768,9 @@ def parse_args(argv=None):
                              "own and with another clip's cameras, vs repeating the reference and vs the model's "
                              "starting guess; --clips, default 16; "
                              "-> OUT/check_frames.png)")
+    parser.add_argument("--compare", nargs=2, metavar=("FIRST_CSV", "SECOND_CSV"),
+                        help="the same runs scored twice (retrained, or on another machine): the second minus the "
+                             "first, paired by clip, for every student run in both per_clip.csv files")
     parser.add_argument("--combine", nargs="+", metavar="PER_CLIP_CSV",
                         help="only combine the per_clip.csv files of several parts of a study (e.g. one training "
                              "seed each) into OUT/table.md and OUT/table.csv, with the paired differences "
@@ -786,6 +808,9 @@ def main(argv=None):
         with open(os.path.join(args.out, "validation.md"), "w") as f:
             f.write(f"# Camera estimator validation\n\n`{command}`\n\n{report}\n")
         print(report)
+        return
+    if args.compare:
+        print("\n".join(compare_scorings(*args.compare)))
         return
     if args.combine:
         os.makedirs(args.out, exist_ok=True)

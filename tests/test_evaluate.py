@@ -298,6 +298,18 @@ def test_combine_keeps_a_video_shared_by_two_parts_once_and_rejects_another_vide
         evaluate.read_per_clip([tmp_path / "a.csv", tmp_path / "d.csv"])
 
 
+def test_compare_pairs_the_same_run_scored_twice(tmp_path, capsys):
+    write_per_clip(tmp_path / "a.csv", [("Sparse", "1/2", 0, c, 0.1 * c) for c in range(5)])
+    write_per_clip(tmp_path / "b.csv", [("Sparse", "1/2", 0, c, 0.1 * c + 0.25) for c in range(5)])
+    evaluate.main(["--compare", str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| Sparse, scored again − Sparse |")
+    assert lines[2].split(" | ")[3].startswith("+0.250 [+0.250, +0.250]")
+    write_per_clip(tmp_path / "c.csv", [("CamGeo", "1/2", 0, c, 0.1) for c in range(5)])
+    with pytest.raises(ValueError, match="no student run in common"):
+        evaluate.main(["--compare", str(tmp_path / "a.csv"), str(tmp_path / "c.csv")])
+
+
 def test_combine_rejects_a_file_that_is_not_per_clip_results(tmp_path):
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="not a per-clip results file"):
