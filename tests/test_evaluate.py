@@ -310,6 +310,19 @@ def test_compare_pairs_the_same_run_scored_twice(tmp_path, capsys):
         evaluate.main(["--compare", str(tmp_path / "a.csv"), str(tmp_path / "c.csv")])
 
 
+def test_rescore_reproduces_a_cached_run_without_noise_and_moves_it_with_noise(smoke_study, capsys):
+    cache = os.path.join(smoke_study, "runs", "sparse_0.5_0.pt")
+    evaluate.main(["--rescore", cache, "--preset", "smoke", "--noise", "0"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| noise 0 − as cached |")
+    assert all(cell.startswith("+0.000 [+0.000, +0.000]") for cell in lines[2].split(" | ")[3:])
+    evaluate.main(["--rescore", cache, "--preset", "smoke", "--noise", "0.05"])
+    psnr = capsys.readouterr().out.splitlines()[2].split(" | ")[6]
+    assert psnr.startswith("-")  # the noise itself lowers PSNR
+    with pytest.raises(ValueError, match="another estimator configuration"):
+        evaluate.main(["--rescore", cache, "--preset", "cpu"])
+
+
 def test_combine_rejects_a_file_that_is_not_per_clip_results(tmp_path):
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="not a per-clip results file"):
