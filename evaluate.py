@@ -18,6 +18,7 @@ whether one student follows the cameras it is given.
     python evaluate.py --methods "" --ratios 1/2 --ablations camgeo_nosmooth,camgeo_trajall   # ablations only
     python evaluate.py --compare out/eval/per_clip.csv out/eval_again/per_clip.csv   # the same runs, scored twice
     python evaluate.py --rescore out/eval/runs/camgeo_0.5_0.pt   # its videos with invisible noise: the scores' noise
+    python evaluate.py --rescore out/eval/runs/sparse_0.5_0.pt out/eval/runs/camgeo_0.5_0.pt --draws 6   # averaged
 
 The study trains what is missing (python train.py ... --out OUT/ckpt/<name>), reuses checkpoints that exist,
 samples every test clip with fixed seeds, estimates, scores, and writes OUT/table.md, OUT/table.csv, OUT/per_clip.csv,
@@ -515,28 +516,39 @@ def compare_scorings(first_path, second_path):
     return lines
 
 
-def rescore_with_noise(cache_path, preset, noise, workers=1):
-    """A run's cached videos (OUT/runs/<name>.pt) estimated and scored again after uniform noise of +-noise / 2
-    is added to every pixel (1/255: the last bit of an 8-bit frame, invisible) -> Markdown lines: noisy minus
-    cached, paired by clip. How far the camera scores move for a change of the video that means nothing; a
-    difference between two students has to exceed it."""
-    stored = torch.load(cache_path, weights_only=True)
-    key = json.loads(stored["key"])
-    if key["estimator"] != repr(preset.estimator_config):
-        raise ValueError(f"{cache_path} was scored with another estimator configuration than this preset's; "
-                         f"pass the --preset of its study")
-    num_frames, _, size, _ = key["frames"]
-    clips = held_out_clips(len(key["clips"]), num_frames, size)
-    if [clip.seed for clip in clips] != key["clips"]:
-        raise ValueError(f"{cache_path} scores clips {key['clips']}, not the first held-out clips")
-    videos = stored["videos"]
-    noisy = (videos + noise * (torch.rand(videos.shape, generator=torch.Generator().manual_seed(0)) - 0.5)).clamp(0, 1)
-    records = []
-    for label, metrics in (("as cached", all_metrics(clips, videos, stored["paths"])),
-                           (f"noise {noise:.3g}", score(clips, noisy, preset.estimator_config, workers)[1])):
-        records += [{"method": label, "keyframes": "-", "train_seed": 0, "clip_seed": clip.seed,
-                     **dict(zip(METRICS, values))} for clip, values in zip(clips, metrics.tolist())]
-    return paired_differences(records, f"noise {noise:.3g}", "as cached")
+def rescore_with_noise(cache_paths, preset, noise, draws=1, workers=1):
+    """Runs' cached videos (OUT/runs/<name>.pt) estimated and scored again, `draws` times each, with independent
+    uniform noise of +-noise / 2 added to every pixel (1/255: the last bit of an 8-bit frame, invisible).
+    -> Markdown lines. For each run, its scores averaged over the draws minus its scores as first scored, paired by
+    clip: with one draw, how far the camera scores move for a change of the video that means nothing. With two
+    runs, also the second minus the first, each clip's scores averaged over its draws: the estimator's noise
+    shrinks with the number of draws, so camera differences smaller than one scoring's noise can be read."""
+    lines, averaged = [], []  # averaged: per run, its clips' draw-averaged scores labelled by the run's path
+    for path in cache_paths:
+        stored = torch.load(path, weights_only=True)
+        key = json.loads(stored["key"])
+        if key["estimator"] != repr(preset.estimator_config):
+            raise ValueError(f"{path} was scored with another estimator configuration than this preset's; "
+                             f"pass the --preset of its study")
+        num_frames, _, size, _ = key["frames"]
+        clips = held_out_clips(len(key["clips"]), num_frames, size)
+        if [clip.seed for clip in clips] != key["clips"]:
+            raise ValueError(f"{path} scores clips {key['clips']}, not the first held-out clips")
+        videos, generator = stored["videos"], torch.Generator().manual_seed(0)
+        scorings = [score(clips, (videos + noise * (torch.rand(videos.shape, generator=generator) - 0.5)).clamp(0, 1),
+                          preset.estimator_config, workers)[1] for _ in range(draws)]
+        name = os.path.splitext(os.path.basename(path))[0]
+        noisy = f"{name}, noise {noise:.3g}" + (f", mean of {draws} draws" if draws > 1 else "")
+        records = []
+        for label, metrics in ((f"{name}, as cached", all_metrics(clips, videos, stored["paths"])),
+                               (noisy, torch.stack(scorings).mean(0))):
+            records += [{"method": label, "keyframes": "-", "train_seed": 0, "clip_seed": clip.seed,
+                         **dict(zip(METRICS, values))} for clip, values in zip(clips, metrics.tolist())]
+        lines += paired_differences(records, noisy, f"{name}, as cached") + [""]
+        averaged += [{**r, "method": str(path)} for r in records if r["method"] == noisy]
+    if len(cache_paths) == 2:
+        lines += paired_differences(averaged, str(cache_paths[1]), str(cache_paths[0]))
+    return lines
 
 
 def write_tables(rows, out_dir, notes, differences=()):
@@ -797,10 +809,12 @@ def parse_args(argv=None):
     parser.add_argument("--compare", nargs=2, metavar=("FIRST_CSV", "SECOND_CSV"),
                         help="the same runs scored twice (retrained, or on another machine): the second minus the "
                              "first, paired by clip, for every student run in both per_clip.csv files")
-    parser.add_argument("--rescore", metavar="RUN_PT",
-                        help="a run's cached videos (OUT/runs/<name>.pt) scored again with --noise added to every "
-                             "pixel: how far the camera scores move for a change that means nothing")
+    parser.add_argument("--rescore", nargs="+", metavar="RUN_PT",
+                        help="one or two runs' cached videos (OUT/runs/<name>.pt) scored again with --noise added to "
+                             "every pixel: how far the camera scores move for a change that means nothing; with "
+                             "two, their difference with each clip's scores averaged over --draws")
     parser.add_argument("--noise", type=float, default=1 / 255, help="--rescore: width of the uniform pixel noise")
+    parser.add_argument("--draws", type=int, default=1, help="--rescore: noisy scorings averaged per clip")
     parser.add_argument("--combine", nargs="+", metavar="PER_CLIP_CSV",
                         help="only combine the per_clip.csv files of several parts of a study (e.g. one training "
                              "seed each) into OUT/table.md and OUT/table.csv, with the paired differences "
@@ -840,7 +854,10 @@ def main(argv=None):
         print(report)
         return
     if args.rescore:
-        print("\n".join(rescore_with_noise(args.rescore, STUDY_PRESETS[args.preset], args.noise, args.workers)))
+        if len(args.rescore) > 2 or args.draws < 1:
+            raise ValueError("--rescore takes one or two runs, and --draws at least 1")
+        print("\n".join(rescore_with_noise(args.rescore, STUDY_PRESETS[args.preset], args.noise, args.draws,
+                                            args.workers)))
         return
     if args.compare:
         print("\n".join(compare_scorings(*args.compare)))

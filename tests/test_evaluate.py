@@ -314,13 +314,27 @@ def test_rescore_reproduces_a_cached_run_without_noise_and_moves_it_with_noise(s
     cache = os.path.join(smoke_study, "runs", "sparse_0.5_0.pt")
     evaluate.main(["--rescore", cache, "--preset", "smoke", "--noise", "0"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("| noise 0 − as cached |")
+    assert lines[0].startswith("| sparse_0.5_0, noise 0 − sparse_0.5_0, as cached |")
     assert all(cell.startswith("+0.000 [+0.000, +0.000]") for cell in lines[2].split(" | ")[3:])
     evaluate.main(["--rescore", cache, "--preset", "smoke", "--noise", "0.05"])
     psnr = capsys.readouterr().out.splitlines()[2].split(" | ")[6]
     assert psnr.startswith("-")  # the noise itself lowers PSNR
     with pytest.raises(ValueError, match="another estimator configuration"):
         evaluate.main(["--rescore", cache, "--preset", "cpu"])
+
+
+def test_rescore_of_two_runs_pairs_their_draw_averaged_scores(smoke_study, tmp_path, capsys):
+    cache = os.path.join(smoke_study, "runs", "sparse_0.5_0.pt")
+    again = tmp_path / "again.pt"
+    stored = torch.load(cache, weights_only=True)
+    torch.save({**stored, "videos": stored["videos"] * 0.5}, again)  # darker videos of the same clips
+    evaluate.main(["--rescore", cache, str(again), "--preset", "smoke", "--noise", "0.01", "--draws", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "mean of 2 draws" in lines[0]
+    header = next(i for i, line in enumerate(lines) if line.startswith(f"| {again} − {cache} |"))
+    assert lines[header + 2].split(" | ")[6].startswith("-")  # darker: lower PSNR
+    with pytest.raises(ValueError, match="one or two runs"):
+        evaluate.main(["--rescore", cache, cache, cache, "--preset", "smoke"])
 
 
 def test_combine_rejects_a_file_that_is_not_per_clip_results(tmp_path):
