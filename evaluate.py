@@ -420,7 +420,7 @@ def read_per_clip(paths, notes=None):
                     continue
                 seen[key] = (path, values)
                 records.append({**row, "train_seed": int(row["train_seed"]), "clip_seed": int(row["clip_seed"]),
-                                **{name: float(row[name]) for name in (*METRICS, "sample_s")}})
+                                **dict(zip(METRICS, values)), "sample_s": float(row["sample_s"])})
     if notes is not None and camera_differences:
         largest, changed = np.max(camera_differences, axis=0), sum(d.any() for d in camera_differences)
         notes.append(f"{len(camera_differences)} videos were scored in two parts, the same image scores in both; "
