@@ -25,13 +25,13 @@ samples every test clip with fixed seeds, estimates, scores, and writes OUT/tabl
 OUT/trajectories.png (top-down requested vs estimated paths) and OUT/frames.png (generated vs ground truth).
 A checkpoint is reused when OUT/ckpt/<run>/evaluate_command.json records the same train.py options; after a
 change to the model code, delete OUT/ckpt (and OUT/runs, the cached videos and camera paths) to start afresh.
+Reading per-clip files back into tables, the paired differences and the pictures are report.py's.
 """
 import argparse
 import concurrent.futures
 import csv
 import dataclasses
 import json
-import math
 import multiprocessing
 import os
 import subprocess
@@ -42,12 +42,12 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 import camgeo
 import data
 import estimator
 import geometry
+import report
 
 # ----------------------------------------------------------------------------------------------
 # Held-out clips and the cameras each method is given
@@ -184,7 +184,6 @@ ABLATIONS = {
 TABLE_ORDER = [*METHOD_NAMES.values(), *(ablation.label for ablation in ABLATIONS.values())]
 SAMPLE_SEED = 1000  # clip i is sampled with seed SAMPLE_SEED + i by every method: same noise, fairer comparison
 GT_RUN, DEGRADED_RUN, STILL_RUN = "ground_truth", "ground_truth_degraded", "reference_repeated"
-METRICS = ("RotErr", "TransErr", "CamMC", "PSNR", "SSIM")
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -336,13 +335,13 @@ def video_metrics(clip, video, path):
 
 
 def all_metrics(clips, videos, paths):
-    """video_metrics of every clip -> (C, 5) in METRICS order."""
+    """video_metrics of every clip -> (C, 5) in report.METRICS order."""
     return torch.tensor([video_metrics(c, v, p) for c, v, p in zip(clips, videos, paths)], dtype=torch.float64)
 
 
 def score(clips, videos, config, workers=1):
     """Estimate each video's path and score it, clips in parallel over `workers` processes (the estimator runs
-    on the CPU: data.render is a CPU ray-caster). -> (paths (C, F, 4, 4), metrics (C, 5) in METRICS order)."""
+    on the CPU: data.render is a CPU ray-caster). -> (paths (C, F, 4, 4), metrics (C, 5) in report.METRICS order)."""
     if workers > 1:
         context = multiprocessing.get_context("spawn")  # no forked OpenMP state
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
@@ -387,98 +386,7 @@ def evaluate_run(run, ckpt, clips, preset, out_dir, device, workers=1):
 
 
 # ----------------------------------------------------------------------------------------------
-# Table and pictures
-
-
-PER_CLIP_COLUMNS = ("run", "method", "keyframes", "train_seed", "clip_seed", *METRICS, "sample_s")
-BOOTSTRAP_RESAMPLES = 10_000
-BOOTSTRAP_SEED = 0
-
-
-def read_per_clip(paths, notes=None):
-    """per_clip.csv files (parts of a study: a training seed, or a set of methods, each) -> list of dicts with
-    numbers. A video scored in two parts (the reference rows are in every part) is kept once, as the first file
-    scores it. Its image scores must agree: otherwise the two lines are different videos, an error, since one of
-    them would silently win. Its camera scores may differ a little when the parts ran on different machines (the
-    estimator's hundreds of optimisation steps round differently on another CPU); the largest difference of each
-    is then appended to notes, as the camera scores' machine-to-machine spread."""
-    records, seen, camera_differences = [], {}, []
-    for path in paths:
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                missing = set(PER_CLIP_COLUMNS) - row.keys()
-                if missing:
-                    raise ValueError(f"{path}: not a per-clip results file (missing columns {sorted(missing)})")
-                key = (row["run"], row["train_seed"], row["clip_seed"])
-                values = [float(row[name]) for name in METRICS]
-                if key in seen:
-                    first_path, first = seen[key]
-                    if not np.allclose(first[3:], values[3:], rtol=1e-5, atol=1e-6):  # PSNR, SSIM
-                        raise ValueError(f"run {key[0]}, training seed {key[1]}, clip {key[2]} is in {first_path} "
-                                         f"and in {path} with different scores")
-                    camera_differences.append(np.abs(np.subtract(first[:3], values[:3])))
-                    continue
-                seen[key] = (path, values)
-                records.append({**row, "train_seed": int(row["train_seed"]), "clip_seed": int(row["clip_seed"]),
-                                **dict(zip(METRICS, values)), "sample_s": float(row["sample_s"])})
-    if notes is not None and camera_differences:
-        largest, changed = np.max(camera_differences, axis=0), sum(d.any() for d in camera_differences)
-        notes.append(f"{len(camera_differences)} videos were scored in two parts, the same image scores in both; "
-                     f"the camera scores differ for {changed} of them, by at most "
-                     + ", ".join(f"{name} {x:.3g}" for name, x in zip(METRICS, largest))
-                     + " (parts estimated on different machines).")
-    return records
-
-
-def table_rows(records):
-    """One row per (method, keyframes): metrics pooled over clips and seeds. Spread over clips (all videos) and,
-    with two or more seeds, the spread of the per-seed means (how much a retrained model moves the number)."""
-    groups = {}
-    for record in records:
-        groups.setdefault((record["method"], record["keyframes"]), []).append(record)
-    def order(key):  # ratio by ratio (all poses first), methods in the paper's order, reference rows last
-        method, keyframes = key
-        fraction = 1.0 if keyframes == "all" else eval_fraction(keyframes)
-        return (method not in TABLE_ORDER, -fraction, TABLE_ORDER.index(method) if method in TABLE_ORDER else 0)
-
-    rows = []
-    for (method, keyframes), group in sorted(groups.items(), key=lambda item: order(item[0])):
-        seeds = sorted({r["train_seed"] for r in group})
-        row = {"method": method, "keyframes": keyframes, "clips": len({r["clip_seed"] for r in group}),
-               "seeds": len(seeds), "sample_s_per_video": float(np.mean([r["sample_s"] for r in group]))}
-        for name in METRICS:
-            values = np.array([r[name] for r in group])
-            per_seed = [np.mean([r[name] for r in group if r["train_seed"] == s]) for s in seeds]
-            row[name], row[f"{name}_median"] = float(values.mean()), float(np.median(values))
-            row[f"{name}_std_clips"] = float(values.std())
-            row[f"{name}_std_seeds"] = float(np.std(per_seed)) if len(seeds) > 1 else float("nan")
-        rows.append(row)
-    return rows
-
-
-def paired_differences(records, method="CamGeo", baseline="Sparse"):
-    """method - baseline per (training seed, clip) pair, at every keyframe ratio both were run at, with a
-    bootstrap 95% interval of the mean (clips resampled with replacement, all seeds of a clip kept together, so
-    the interval covers which clips were drawn). Returns Markdown lines."""
-    by_key = {(r["method"], r["keyframes"], r["train_seed"], r["clip_seed"]): r for r in records}
-    lines = [f"| {method} − {baseline} | keyframes | pairs | " + " | ".join(METRICS) + " |",
-             "|---" * (len(METRICS) + 3) + "|"]
-    for keyframes in sorted({r["keyframes"] for r in records if r["method"] == method}):
-        pairs = [(by_key[key], by_key[(baseline, *key[1:])]) for key in by_key
-                 if key[0] == method and key[1] == keyframes and (baseline, *key[1:]) in by_key]
-        if not pairs:
-            continue
-        clips = sorted({a["clip_seed"] for a, _ in pairs})
-        rng = np.random.default_rng(BOOTSTRAP_SEED)
-        draws = rng.integers(0, len(clips), size=(BOOTSTRAP_RESAMPLES, len(clips)))
-        cells = []
-        for name in METRICS:
-            # per clip: the difference averaged over training seeds; the mean over clips is then bootstrapped
-            per_clip = np.array([np.mean([a[name] - b[name] for a, b in pairs if a["clip_seed"] == c]) for c in clips])
-            low, high = np.percentile(per_clip[draws].mean(axis=1), [2.5, 97.5])
-            cells.append(f"{per_clip.mean():+.3f} [{low:+.3f}, {high:+.3f}]")
-        lines.append(f"| | {keyframes} | {len(pairs)} | " + " | ".join(cells) + " |")
-    return lines
+# What the study reports: paired differences, and the scores' own noise
 
 
 def study_differences(records):
@@ -486,33 +394,14 @@ def study_differences(records):
     where they ran), then each CamGeo ablation present minus its baseline (same seed, same clips), so an ablation is
     read against the spread of its own pairs rather than the overlap of two means with wide clip-to-clip spreads.
     Markdown lines."""
-    lines = paired_differences(records)
+    lines = report.paired_differences(records)
     present = {r["method"] for r in records}
     for name in ("camgeo_w025", "camgeo_every1"):
         if ABLATIONS[name].label in present:
-            lines += [""] + paired_differences(records, ABLATIONS[name].label, "Sparse")
+            lines += [""] + report.paired_differences(records, ABLATIONS[name].label, "Sparse")
     for ablation in ABLATIONS.values():
         if ablation.label in present and ablation.baseline in present:
-            lines += [""] + paired_differences(records, ablation.label, ablation.baseline)
-    return lines
-
-
-def compare_scorings(first_path, second_path):
-    """Two per_clip.csv files that score the same student runs (the run retrained, or its videos estimated on
-    another machine) -> Markdown lines: second - first, paired by clip, for every student run in both. What a
-    study's paired intervals resample is the clips; this is how much the same run moves without any change of
-    method, which a difference between methods has to exceed."""
-    first, second = read_per_clip([first_path]), read_per_clip([second_path])
-    students = lambda records: {r["run"] for r in records if not np.isnan(r["sample_s"])}  # references: no sampling
-    runs = sorted(students(first) & students(second))
-    if not runs:
-        raise ValueError(f"{first_path} and {second_path} score no student run in common")
-    lines = []
-    for run in runs:
-        method = next(r["method"] for r in first if r["run"] == run)
-        again = f"{method}, scored again"
-        records = [r for r in first if r["run"] == run] + [{**r, "method": again} for r in second if r["run"] == run]
-        lines += paired_differences(records, again, method) + [""]
+            lines += [""] + report.paired_differences(records, ablation.label, ablation.baseline)
     return lines
 
 
@@ -543,104 +432,12 @@ def rescore_with_noise(cache_paths, preset, noise, draws=1, workers=1):
         for label, metrics in ((f"{name}, as cached", all_metrics(clips, videos, stored["paths"])),
                                (noisy, torch.stack(scorings).mean(0))):
             records += [{"method": label, "keyframes": "-", "train_seed": 0, "clip_seed": clip.seed,
-                         **dict(zip(METRICS, values))} for clip, values in zip(clips, metrics.tolist())]
-        lines += paired_differences(records, noisy, f"{name}, as cached") + [""]
+                         **dict(zip(report.METRICS, values))} for clip, values in zip(clips, metrics.tolist())]
+        lines += report.paired_differences(records, noisy, f"{name}, as cached") + [""]
         averaged += [{**r, "method": str(path)} for r in records if r["method"] == noisy]
     if len(cache_paths) == 2:
-        lines += paired_differences(averaged, str(cache_paths[1]), str(cache_paths[0]))
+        lines += report.paired_differences(averaged, str(cache_paths[1]), str(cache_paths[0]))
     return lines
-
-
-def write_tables(rows, out_dir, notes, differences=()):
-    columns = ["method", "keyframes", "clips", "seeds"] + [
-        f"{name}{suffix}" for name in METRICS for suffix in ("", "_median", "_std_clips", "_std_seeds")] + [
-        "sample_s_per_video"]
-    with open(os.path.join(out_dir, "table.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    arrows = {"RotErr": "↓", "TransErr": "↓", "CamMC": "↓", "PSNR": "↑", "SSIM": "↑"}
-    lines = ["| method | keyframes | " + " | ".join(f"{m} {arrows[m]}" for m in METRICS) + " | sampling s/video |",
-             "|---" * (len(METRICS) + 3) + "|"]
-    for row in rows:
-        cells = []
-        for name in METRICS:
-            cell = f"{row[name]:.3f} ± {row[name + '_std_clips']:.3f} ({row[name + '_median']:.3f})"
-            if not math.isnan(row[name + "_std_seeds"]):
-                cell += f" (seeds ± {row[name + '_std_seeds']:.3f})"
-            cells.append(cell)
-        seconds = "—" if math.isnan(row["sample_s_per_video"]) else f"{row['sample_s_per_video']:.3f}"
-        lines.append(f"| {row['method']} | {row['keyframes']} | " + " | ".join(cells) + f" | {seconds} |")
-    if differences:
-        lines += ["", "Paired differences, mean over clips [bootstrap 95% interval]; negative is better for RotErr, "
-                  "TransErr and CamMC, positive for PSNR and SSIM:", "", *differences]
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write("\n".join(notes + [""] + lines) + "\n")
-
-
-# Pillow's bitmap font: the default scalable one, hinted at its 10 px, draws single spaces too narrow to see.
-LABEL_FONT = ImageFont.load_default_imagefont()
-# enough distinct colours for every method and ablation of a study at one ratio (11 paths)
-PALETTE = [(220, 50, 47), (38, 139, 210), (133, 153, 0), (211, 54, 130), (181, 137, 0), (42, 161, 152),
-           (108, 113, 196), (203, 75, 22), (100, 100, 100), (0, 0, 128), (128, 64, 0), (0, 150, 60)]
-
-
-def draw_trajectories(clips, named_paths, path, keyframes=(), panel=260):
-    """Top-down (x right, z forward of camera 0) camera centres: requested path in black with the given keyframes
-    ringed, each method's estimated path in colour. named_paths: list of (label, (C, F, 4, 4) c2w)."""
-    legend_height = 18 * (len(named_paths) + 1) + 8
-    image = Image.new("RGB", (panel * len(clips), panel + legend_height), "white")
-    draw = ImageDraw.Draw(image)
-    for c, clip in enumerate(clips):
-        tracks = [geometry.relative_to_first(clip.c2w)] + [geometry.relative_to_first(p[c]) for _, p in named_paths]
-        xz = [t[:, [0, 2], 3].numpy() for t in tracks]  # (F, 2) each
-        # fit the requested path (and any estimate within 3x its extent) into the panel
-        reach = max(np.abs(xz[0]).max(), 0.05)
-        extent = max(reach, min(max(np.abs(p).max() for p in xz), 3 * reach)) * 1.15
-        to_pixel = lambda p: (c * panel + panel / 2 + p[0] / extent * panel / 2,
-                              panel / 2 - p[1] / extent * panel / 2)  # forward (z) points up
-        draw.rectangle([c * panel, 0, (c + 1) * panel - 1, panel - 1], outline=(200, 200, 200))
-        for k, track in enumerate(xz):
-            colour = (0, 0, 0) if k == 0 else PALETTE[(k - 1) % len(PALETTE)]
-            points = [to_pixel(np.clip(p, -extent, extent)) for p in track]
-            draw.line(points, fill=colour, width=3 if k == 0 else 2)
-            for x, y in points:
-                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-            if k == 0:
-                for f in keyframes:
-                    x, y = points[f]
-                    draw.ellipse([x - 6, y - 6, x + 6, y + 6], outline=(0, 0, 0), width=2)
-        draw.text((c * panel + 6, 4), f"clip {clip.seed}  (half-width {extent:.2f} m)", fill=(0, 0, 0),
-                  font=LABEL_FONT)
-    y = panel + 6
-    for k, (label, _) in enumerate([("requested (ground truth); rings: keyframes given", None)] + named_paths):
-        colour = (0, 0, 0) if k == 0 else PALETTE[(k - 1) % len(PALETTE)]
-        draw.line([(8, y + 6), (36, y + 6)], fill=colour, width=3)
-        draw.text((44, y), label, fill=(0, 0, 0), font=LABEL_FONT)
-        y += 18
-    image.save(path)
-
-
-def draw_frames(clips, named_videos, path, scale=3):
-    """Rows: ground truth, then each method's generated video; columns: frames; one block per clip."""
-    rows = [("ground truth", torch.stack([c.video for c in clips]))] + named_videos
-    texts = [[label + (f" ({clip.seed})" if r == 0 else "") for r, (label, _) in enumerate(rows)] for clip in clips]
-    label_width = 12 + max(int(LABEL_FONT.getlength(text)) for clip_texts in texts for text in clip_texts)
-    num_frames, _, H, W = clips[0].video.shape
-    tile_h, tile_w = H * scale, W * scale
-    image = Image.new("RGB", (label_width + num_frames * tile_w, len(clips) * (len(rows) * tile_h + 12)), "white")
-    draw = ImageDraw.Draw(image)
-    for c in range(len(clips)):
-        top = c * (len(rows) * tile_h + 12)
-        for r, (_, videos) in enumerate(rows):
-            y = top + r * tile_h
-            draw.text((4, y + tile_h // 2 - 6), texts[c][r], fill=(0, 0, 0), font=LABEL_FONT)
-            frames = data.frames_to_uint8(videos[c])
-            for f, frame in enumerate(frames):
-                tile = Image.fromarray(frame).resize((tile_w, tile_h), Image.NEAREST)
-                image.paste(tile, (label_width + f * tile_w, y))
-    image.save(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -648,7 +445,7 @@ def draw_frames(clips, named_videos, path, scale=3):
 
 
 def check_camera_following(ckpt, num_clips, sample_steps, cfg_scale, device, frames_png=None, estimate=False,
-                           workers=1):
+                           workers=1, against=None):
     """Does a checkpoint follow the cameras it is given? A quick check, no camera estimation: PSNR and SSIM
     against the ground truth (frames 1..F-1; keyframes and in-between frames apart) of its samples on held-out
     clips with their own cameras and with another clip's cameras (each clip takes the next one's: the image and
@@ -656,7 +453,9 @@ def check_camera_following(ckpt, num_clips, sample_steps, cfg_scale, device, fra
     model starts from (camgeo.reference_guess). Returns Markdown;
     frames_png: also draw the first four clips (ground truth, own cameras, another clip's cameras); estimate: also
     estimate the camera path of the samples with their own cameras (estimator.py, as the study does) and report
-    RotErr / TransErr / CamMC, next to those of repeating the reference (a camera that does not move)."""
+    RotErr / TransErr / CamMC, next to those of repeating the reference (a camera that does not move);
+    against: another checkpoint (a baseline) sampled on the same clips with the same noise, and the checked one's
+    PSNR and SSIM minus its, per clip, with a bootstrap 95% interval (check_against)."""
     model, info = camgeo.load_checkpoint(ckpt, weights="ema", device=device)
     config, method = info["config"], info["method"]
     ratio = info["options"].get("sparse", 0.5)
@@ -672,7 +471,7 @@ def check_camera_following(ckpt, num_clips, sample_steps, cfg_scale, device, fra
             videos[name] = camgeo.sample(model, reference.to(device), prompts, camera.to(device), sample_steps,
                                          cfg_scale, seed=SAMPLE_SEED).cpu()
     if frames_png:
-        draw_frames(clips[:4], [(name.split(", ")[1], video[:4]) for name, video in videos.items()
+        report.draw_frames(clips[:4], [(name.split(", ")[1], video[:4]) for name, video in videos.items()
                                 if name.startswith("samples")], frames_png)
     keyframes = set(camgeo.keyframe_indices(config.num_frames, ratio).tolist()) - {0}
     groups = {"frames 1..F-1": [f for f in range(1, config.num_frames)],
@@ -691,7 +490,36 @@ def check_camera_following(ckpt, num_clips, sample_steps, cfg_scale, device, fra
         for name in ("repeat the reference frame", "samples, own cameras"):
             _, metrics = score(clips, videos[name], STUDY_PRESETS["cpu"].estimator_config, workers)
             lines.append(f"| {name} | " + " | ".join(summarise(metrics[:, i].tolist()) for i in range(3)) + " |")
+    if against:
+        lines += ["", *check_against(videos["samples, own cameras"], f"{method} `{ckpt}`", against, clips,
+                                     sample_steps, cfg_scale, device)]
     return "\n".join(lines)
+
+
+def check_against(samples, label, baseline_ckpt, clips, sample_steps, cfg_scale, device):
+    """Samples (C, F, 3, H, W) of the clips with their own cameras, against a baseline checkpoint's samples of the
+    same clips with the same noise (check_camera_following's seed): per clip, the samples' PSNR and SSIM of frames
+    1..F-1 minus the baseline's, with the bootstrap 95% interval of the mean (report.paired_differences). A gap
+    between two students is read against the spread of its own pairs, which the two means alone do not show.
+    -> Markdown lines."""
+    model, info = camgeo.load_checkpoint(baseline_ckpt, weights="ema", device=device)
+    config, method = info["config"], info["method"]
+    if (config.num_frames, config.image_size) != tuple(samples.shape[i] for i in (1, 3)):
+        raise ValueError(f"{baseline_ckpt} makes {config.num_frames} frames of {config.image_size} pixels, the "
+                         f"checked checkpoint {samples.shape[1]} of {samples.shape[3]}: their samples do not pair")
+    ratio = info["options"].get("sparse", 0.5)
+    truth = torch.stack([clip.video for clip in clips])
+    cameras = torch.cat([camera_for(clip, method, ratio, config.image_size) for clip in clips])
+    with torch.no_grad():
+        baseline = camgeo.sample(model, truth[:, 0].to(device), [clip.prompt for clip in clips], cameras.to(device),
+                                 sample_steps, cfg_scale, seed=SAMPLE_SEED).cpu()
+    baseline_label = f"{method} `{baseline_ckpt}` ({ratio_label(ratio)} keyframes)"
+    records = [{"method": name, "keyframes": "own cameras", "train_seed": 0, "clip_seed": clip.seed,
+                "PSNR": geometry.psnr(video[1:], clip.video[1:]).item(),
+                "SSIM": geometry.ssim(video[1:], clip.video[1:]).item()}
+               for name, videos in ((label, samples), (baseline_label, baseline))
+               for clip, video in zip(clips, videos)]
+    return report.paired_differences(records, label, baseline_label, metrics=("PSNR", "SSIM"))
 
 
 def run_study(args):
@@ -735,14 +563,14 @@ def run_study(args):
     per_clip_path = os.path.join(args.out, "per_clip.csv")
     with open(per_clip_path, "w", newline="") as f:  # every video: the table below and any other statistic
         writer = csv.writer(f)
-        writer.writerow(PER_CLIP_COLUMNS)
+        writer.writerow(report.PER_CLIP_COLUMNS)
         for run in runs + references:
             result = results[run.name]
             for clip, values, seconds in zip(clips, result["metrics"].tolist(), result["seconds"].tolist()):
                 writer.writerow([run.name, run.label, ratio_label(run.ratio), run.seed, clip.seed,
                                  *[f"{v:.6g}" for v in values], f"{seconds:.6g}"])
-    records = read_per_clip([per_clip_path])
-    rows = table_rows(records)
+    records = report.read_per_clip([per_clip_path])
+    rows = report.table_rows(records, TABLE_ORDER)
     notes = [f"# CamGeo study, preset {args.preset}",
              f"{len(clips)} held-out test clips (seeds {clips[0].seed}..{clips[-1].seed}), {model_config.num_frames} "
              f"frames at {model_config.image_size}x{model_config.image_size}; training seeds {list(preset.seeds)}; "
@@ -764,15 +592,15 @@ def run_study(args):
             ratio = seconds / timing[("Sparse", keyframes)]
             notes.append(f"Sampling time CamGeo / Sparse at {keyframes}: {ratio:.3f}.")
     notes.append(f"teacher.py imported by this process while sampling: {'yes' if 'teacher' in sys.modules else 'no'}.")
-    write_tables(rows, args.out, notes, study_differences(records))
+    report.write_tables(rows, args.out, notes, study_differences(records))
     # pictures: the first ratio and first seed, plus full
     shown = [r for r in runs if r.name in results and r.seed == preset.seeds[0]
              and (r.ratio == preset.ratios[0] or r.method == "full")]
     few = clips[:preset.plot_clips]
-    draw_trajectories(few, [(f"{r.label} ({ratio_label(r.ratio)})", results[r.name]["paths"][:len(few)])
+    report.draw_trajectories(few, [(f"{r.label} ({ratio_label(r.ratio)})", results[r.name]["paths"][:len(few)])
                             for r in shown], os.path.join(args.out, "trajectories.png"),
                       camgeo.keyframe_indices(model_config.num_frames, preset.ratios[0]).tolist())
-    draw_frames(few[:2], [(f"{r.label} ({ratio_label(r.ratio)})", results[r.name]["videos"][:2]) for r in shown],
+    report.draw_frames(few[:2], [(f"{r.label} ({ratio_label(r.ratio)})", results[r.name]["videos"][:2]) for r in shown],
                 os.path.join(args.out, "frames.png"))
     print(open(os.path.join(args.out, "table.md")).read())
     print(f"-> {args.out}/table.md, table.csv, per_clip.csv, trajectories.png, frames.png")
@@ -819,12 +647,18 @@ def parse_args(argv=None):
                         help="only combine the per_clip.csv files of several parts of a study (e.g. one training "
                              "seed each) into OUT/table.md and OUT/table.csv, with the paired differences "
                              "(CamGeo - Sparse, each ablation - CamGeo) and their bootstrap intervals")
+    parser.add_argument("--against", metavar="CKPT",
+                        help="--check: also sample this checkpoint (a baseline) on the same clips with the same noise "
+                             "and report the checked one's PSNR and SSIM minus its, per clip, with a bootstrap "
+                             "95%% interval")
     parser.add_argument("--cfg", type=float, default=1.0, help="--check: guidance scale")
     parser.add_argument("--estimate", action="store_true",
                         help="--check: also estimate the camera path of the samples (RotErr, TransErr, CamMC; slow)")
     parser.add_argument("--frames", type=int, default=8, help="--validate: frames per clip")
     parser.add_argument("--size", type=int, default=32, help="--validate: pixels")
     args = parser.parse_args(argv)
+    if args.against and not args.check:
+        parser.error("--against goes with --check CKPT")
     if args.clips is not None and args.clips < 1:
         parser.error(f"--clips must be >= 1, got {args.clips}")
     return args
@@ -847,11 +681,11 @@ def main(argv=None):
     if args.validate:
         os.makedirs(args.out, exist_ok=True)
         clips = args.clips or 16
-        report = validate(clips, args.frames, args.size, STUDY_PRESETS[args.preset].estimator_config)
+        validation = validate(clips, args.frames, args.size, STUDY_PRESETS[args.preset].estimator_config)
         command = "python evaluate.py " + " ".join(sys.argv[1:] if argv is None else argv)
         with open(os.path.join(args.out, "validation.md"), "w") as f:
-            f.write(f"# Camera estimator validation\n\n`{command}`\n\n{report}\n")
-        print(report)
+            f.write(f"# Camera estimator validation\n\n`{command}`\n\n{validation}\n")
+        print(validation)
         return
     if args.rescore:
         if len(args.rescore) > 2 or args.draws < 1:
@@ -860,20 +694,20 @@ def main(argv=None):
                                             args.workers)))
         return
     if args.compare:
-        print("\n".join(compare_scorings(*args.compare)))
+        print("\n".join(report.compare_scorings(*args.compare)))
         return
     if args.combine:
         os.makedirs(args.out, exist_ok=True)
         notes = ["# CamGeo study, combined from " + ", ".join(f"`{path}`" for path in args.combine)]
-        records = read_per_clip(args.combine, notes)
-        write_tables(table_rows(records), args.out, notes, study_differences(records))
+        records = report.read_per_clip(args.combine, notes)
+        report.write_tables(report.table_rows(records, TABLE_ORDER), args.out, notes, study_differences(records))
         print(open(os.path.join(args.out, "table.md")).read())
         return
     if args.check:
         os.makedirs(args.out, exist_ok=True)
         frames_png = os.path.join(args.out, "check_frames.png")
         print(check_camera_following(args.check, args.clips or 16, args.sample_steps or 25, args.cfg, args.device,
-                                     frames_png, args.estimate, args.workers))
+                                     frames_png, args.estimate, args.workers, args.against))
         print(f"-> {frames_png}")
         return
     run_study(args)

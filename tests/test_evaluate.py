@@ -12,7 +12,9 @@ import distill
 import estimator
 import evaluate
 import geometry
+import report
 import train
+from test_report import write_per_clip
 
 
 def rotation_degrees(c2w_a, c2w_b):
@@ -96,7 +98,7 @@ def test_smoke_study_writes_the_table_with_one_row_per_method_and_the_estimator_
         ("Degraded ground-truth video (estimator floor)", "all"),
         ("Reference frame repeated (a camera that does not move)", "all")]
     for row in rows:
-        for name in evaluate.METRICS:
+        for name in report.METRICS:
             assert float(row[name]) == float(row[name])  # a number, not NaN
     assert float(rows[0]["sample_s_per_video"]) > 0
     assert float(rows[1]["RotErr"]) < float(rows[0]["RotErr"])  # an untrained model is no better than the truth
@@ -208,40 +210,23 @@ def test_check_reports_own_and_wrong_cameras_next_to_repeating_the_reference(smo
     assert float(rows[1].split(" | ")[1]) == pytest.approx(repeat, abs=0.006)  # the first column, independently
 
 
-def write_per_clip(path, rows):
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(evaluate.PER_CLIP_COLUMNS)
-        for method, keyframes, seed, clip, rot, *psnr in rows:
-            writer.writerow([f"{method}_{seed}", method, keyframes, seed, clip, rot, 1.0, 1.0, *(psnr or [20.0]), 0.5,
-                             0.1])
-
-
-def test_paired_difference_pairs_clips_and_seeds_and_its_interval_covers_a_known_shift(tmp_path):
-    rng = torch.Generator().manual_seed(0)
-    parts = []
-    for seed in (0, 1):  # one file per part of the study
-        sparse = torch.rand(20, generator=rng)
-        rows = [("Sparse", "1/2", seed, c, sparse[c].item()) for c in range(20)]
-        rows += [("CamGeo", "1/2", seed, c, sparse[c].item() - 0.1) for c in range(20)]  # exactly 0.1 better
-        parts.append(tmp_path / f"part{seed}.csv")
-        write_per_clip(parts[-1], rows)
-    records = evaluate.read_per_clip(parts)
-    line = evaluate.paired_differences(records)[-1]
-    assert "| 1/2 | 40 |" in line
-    rot = line.split(" | ")[3]
-    assert rot.startswith("-0.100 [-0.100, -0.100]")  # a constant shift: no spread to resample
-    rows = {(r["method"], r["keyframes"]): r for r in evaluate.table_rows(records)}
-    assert rows[("CamGeo", "1/2")]["seeds"] == 2 and rows[("CamGeo", "1/2")]["clips"] == 20
-
-
-def test_paired_difference_interval_contains_zero_for_noise_alone(tmp_path):
-    rng = torch.Generator().manual_seed(1)
-    rows = [(m, "1/4", 0, c, torch.rand(1, generator=rng).item()) for m in ("Sparse", "CamGeo") for c in range(30)]
-    write_per_clip(tmp_path / "part.csv", rows)
-    rot = evaluate.paired_differences(evaluate.read_per_clip([tmp_path / "part.csv"]))[-1].split(" | ")[3]
-    low, high = (float(x) for x in rot.split("[")[1].rstrip("]").split(", "))
-    assert low < 0 < high
+def test_check_against_a_baseline_pairs_the_same_clips_and_noise(smoke_study, tmp_path, capsys):
+    ckpt = os.path.join(smoke_study, "ckpt", "sparse_0.5_0", "ckpt.safetensors")
+    evaluate.main(["--check", ckpt, "--against", ckpt, "--clips", "3", "--sample-steps", "2", "--out", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if " − " in line)
+    assert lines[header].split(" | ")[-2:] == ["PSNR", "SSIM |"]
+    # a checkpoint against itself: the same noise on the same clips, so every clip's difference is exactly zero
+    assert [cell.strip(" |") for cell in lines[header + 2].split(" | ")[3:]] == ["+0.000 [+0.000, +0.000]"] * 2
+    # checked minus baseline: the ground truth itself in place of the checked samples scores above it on every clip
+    config = camgeo.load_checkpoint(ckpt)[1]["config"]
+    clips = evaluate.held_out_clips(3, config.num_frames, config.image_size)
+    truth = torch.stack([clip.video for clip in clips])
+    line = evaluate.check_against(truth, "truth", ckpt, clips, 2, 1.0, "cpu")[-1]
+    low = float(line.split(" | ")[3].split("[")[1].split(",")[0])
+    assert low > 0
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--against", ckpt])
 
 
 def test_study_differences_read_each_ablation_against_its_baseline_on_the_same_clips(tmp_path):
@@ -258,7 +243,7 @@ def test_study_differences_read_each_ablation_against_its_baseline_on_the_same_c
     rows += [(every_step, "1/2", 0, c, 0.3 * c) for c in range(10)]
     rows += [(label, "1/2", 0, c, 0.3 * c + 0.05) for c in range(10)]  # 0.05 worse than its baseline on every clip
     write_per_clip(tmp_path / "part.csv", rows)
-    lines = evaluate.study_differences(evaluate.read_per_clip([tmp_path / "part.csv"]))
+    lines = evaluate.study_differences(report.read_per_clip([tmp_path / "part.csv"]))
     header = next(i for i, line in enumerate(lines) if line.startswith(f"| {label} − {every_step} |"))
     assert lines[header + 2].split(" | ")[3].startswith("+0.050 [+0.050, +0.050]")
     # CamGeo, the weight-0.25 form and its every-step form − Sparse; then each ablation − its baseline
@@ -272,42 +257,6 @@ def test_combine_writes_one_table_from_several_parts(tmp_path):
     evaluate.main(["--combine", str(tmp_path / "p0.csv"), str(tmp_path / "p1.csv"), "--out", str(tmp_path / "all")])
     table = open(tmp_path / "all" / "table.md").read()
     assert "| CamGeo | 1/2 |" in table and "CamGeo − Sparse" in table
-
-
-def test_combine_keeps_a_video_shared_by_two_parts_once_and_rejects_another_video_in_its_place(tmp_path):
-    # two parts of one seed: different methods, the same ground-truth floor in both
-    write_per_clip(tmp_path / "a.csv", [("Sparse", "1/2", 0, c, 0.5) for c in range(3)]
-                   + [("Floor", "all", 0, c, 0.1) for c in range(3)])
-    write_per_clip(tmp_path / "b.csv", [("CamGeo", "1/2", 0, c, 0.4) for c in range(3)]
-                   + [("Floor", "all", 0, c, 0.1) for c in range(3)])
-    notes = []
-    records = evaluate.read_per_clip([tmp_path / "a.csv", tmp_path / "b.csv"], notes)
-    assert sorted((r["method"], r["clip_seed"]) for r in records if r["method"] == "Floor") == [
-        ("Floor", 0), ("Floor", 1), ("Floor", 2)]
-    assert len(records) == 9
-    assert notes[0].startswith("3 videos were scored in two parts") and "for 0 of them" in notes[0]
-    # the same video (same image scores), its camera estimated on another machine: the first kept, the spread noted
-    write_per_clip(tmp_path / "c.csv", [("Floor", "all", 0, 1, 0.13)])
-    notes = []
-    records = evaluate.read_per_clip([tmp_path / "a.csv", tmp_path / "c.csv"], notes)
-    assert [r["RotErr"] for r in records if r["method"] == "Floor"] == [0.1, 0.1, 0.1]
-    assert "differ for 1 of them, by at most RotErr 0.03," in notes[0]
-    # another video in its place (other image scores): an error, not a silent choice
-    write_per_clip(tmp_path / "d.csv", [("Floor", "all", 0, 1, 0.1, 21.0)])
-    with pytest.raises(ValueError, match="clip 1 is in .*a.csv and in .*d.csv with different scores"):
-        evaluate.read_per_clip([tmp_path / "a.csv", tmp_path / "d.csv"])
-
-
-def test_compare_pairs_the_same_run_scored_twice(tmp_path, capsys):
-    write_per_clip(tmp_path / "a.csv", [("Sparse", "1/2", 0, c, 0.1 * c) for c in range(5)])
-    write_per_clip(tmp_path / "b.csv", [("Sparse", "1/2", 0, c, 0.1 * c + 0.25) for c in range(5)])
-    evaluate.main(["--compare", str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("| Sparse, scored again − Sparse |")
-    assert lines[2].split(" | ")[3].startswith("+0.250 [+0.250, +0.250]")
-    write_per_clip(tmp_path / "c.csv", [("CamGeo", "1/2", 0, c, 0.1) for c in range(5)])
-    with pytest.raises(ValueError, match="no student run in common"):
-        evaluate.main(["--compare", str(tmp_path / "a.csv"), str(tmp_path / "c.csv")])
 
 
 def test_rescore_reproduces_a_cached_run_without_noise_and_moves_it_with_noise(smoke_study, capsys):
