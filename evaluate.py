@@ -491,17 +491,17 @@ def check_camera_following(ckpt, num_clips, sample_steps, cfg_scale, device, fra
             _, metrics = score(clips, videos[name], STUDY_PRESETS["cpu"].estimator_config, workers)
             lines.append(f"| {name} | " + " | ".join(summarise(metrics[:, i].tolist()) for i in range(3)) + " |")
     if against:
-        lines += ["", *check_against(videos["samples, own cameras"], f"{method} `{ckpt}`", against, clips,
+        lines += ["", *check_against(videos["samples, own cameras"], f"{method} `{ckpt}`", against, clips, groups,
                                      sample_steps, cfg_scale, device)]
     return "\n".join(lines)
 
 
-def check_against(samples, label, baseline_ckpt, clips, sample_steps, cfg_scale, device):
+def check_against(samples, label, baseline_ckpt, clips, groups, sample_steps, cfg_scale, device):
     """Samples (C, F, 3, H, W) of the clips with their own cameras, against a baseline checkpoint's samples of the
-    same clips with the same noise (check_camera_following's seed): per clip, the samples' PSNR and SSIM of frames
-    1..F-1 minus the baseline's, with the bootstrap 95% interval of the mean (report.paired_differences). A gap
-    between two students is read against the spread of its own pairs, which the two means alone do not show.
-    -> Markdown lines."""
+    same clips with the same noise (check_camera_following's seed): per clip, the samples' PSNR and SSIM minus the
+    baseline's over each group of frames ({name: frame indices}), with the bootstrap 95% interval of the mean
+    (report.paired_differences). A gap between two students is read against the spread of its own pairs, which
+    the two means alone do not show. -> Markdown lines."""
     model, info = camgeo.load_checkpoint(baseline_ckpt, weights="ema", device=device)
     config, method = info["config"], info["method"]
     if (config.num_frames, config.image_size) != tuple(samples.shape[i] for i in (1, 3)):
@@ -514,11 +514,11 @@ def check_against(samples, label, baseline_ckpt, clips, sample_steps, cfg_scale,
         baseline = camgeo.sample(model, truth[:, 0].to(device), [clip.prompt for clip in clips], cameras.to(device),
                                  sample_steps, cfg_scale, seed=SAMPLE_SEED).cpu()
     baseline_label = f"{method} `{baseline_ckpt}` ({ratio_label(ratio)} keyframes)"
-    records = [{"method": name, "keyframes": "own cameras", "train_seed": 0, "clip_seed": clip.seed,
-                "PSNR": geometry.psnr(video[1:], clip.video[1:]).item(),
-                "SSIM": geometry.ssim(video[1:], clip.video[1:]).item()}
+    records = [{"method": name, "keyframes": group, "train_seed": 0, "clip_seed": clip.seed,
+                "PSNR": geometry.psnr(video[frames], clip.video[frames]).item(),
+                "SSIM": geometry.ssim(video[frames], clip.video[frames]).item()}
                for name, videos in ((label, samples), (baseline_label, baseline))
-               for clip, video in zip(clips, videos)]
+               for clip, video in zip(clips, videos) for group, frames in groups.items()]
     return report.paired_differences(records, label, baseline_label, metrics=("PSNR", "SSIM"))
 
 

@@ -222,9 +222,10 @@ def test_check_against_a_baseline_pairs_the_same_clips_and_noise(smoke_study, tm
     config = camgeo.load_checkpoint(ckpt)[1]["config"]
     clips = evaluate.held_out_clips(3, config.num_frames, config.image_size)
     truth = torch.stack([clip.video for clip in clips])
-    line = evaluate.check_against(truth, "truth", ckpt, clips, 2, 1.0, "cpu")[-1]
-    low = float(line.split(" | ")[3].split("[")[1].split(",")[0])
-    assert low > 0
+    lines = evaluate.check_against(truth, "truth", ckpt, clips, {"frames 1..3": [1, 2, 3], "frame 2": [2]}, 2, 1.0,
+                                   "cpu")
+    assert [line.split(" | ")[1] for line in lines[2:]] == ["frame 2", "frames 1..3"]  # one row per group of frames
+    assert all(float(line.split(" | ")[3].split("[")[1].split(",")[0]) > 0 for line in lines[2:])
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--against", ckpt])
 
