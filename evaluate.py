@@ -7,9 +7,11 @@ generated video* is then estimated (estimator.py: analysis by synthesis against 
 involved) and compared with the requested path. `--validate` measures the estimator's own error on
 ground-truth videos (clean and degraded like generated ones) next to the errors of naive paths, so a reader
 sees its floor against method differences. `--check CKPT` is a quick test, without camera estimation, of
-whether one student follows the cameras it is given.
+whether one student follows the cameras it is given; `--against CKPT2` pairs it clip by clip with another.
 
     python evaluate.py --validate --clips 16                 # estimator floor vs naive-path errors
+    python evaluate.py --check out/camgeo/ckpt.safetensors --against out/sparse/ckpt.safetensors --clips 64
+                                                             # two students' images, paired by clip
     python evaluate.py --preset smoke --out out/eval_smoke   # the whole study in seconds (CI)
     python evaluate.py --preset cpu --out out/eval           # a few hours on 2 CPU cores
     python evaluate.py --preset gpu --device cuda --workers 14 --out out/eval_gpu   # estimator: CPU processes
