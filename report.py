@@ -145,6 +145,8 @@ def compare_scorings(first_path, second_path):
 
 
 def write_tables(rows, out_dir, notes, differences=()):
+    """table_rows -> OUT/table.csv (every statistic) and OUT/table.md (the notes, a cell per metric: mean ± std
+    over clips (median), and the paired differences' Markdown lines below)."""
     columns = ["method", "keyframes", "clips", "seeds"] + [
         f"{name}{suffix}" for name in METRICS for suffix in ("", "_median", "_std_clips", "_std_seeds")] + [
         "sample_s_per_video"]
