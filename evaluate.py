@@ -457,7 +457,8 @@ def check_camera_following(ckpt, num_clips, sample_steps, cfg_scale, device, fra
     estimate the camera path of the samples with their own cameras (estimator.py, as the study does) and report
     RotErr / TransErr / CamMC, next to those of repeating the reference (a camera that does not move);
     against: another checkpoint (a baseline) sampled on the same clips with the same noise, and the checked one's
-    PSNR and SSIM minus its, per clip, with a bootstrap 95% interval (check_against)."""
+    PSNR and SSIM minus its, per clip, with a bootstrap 95% interval, for the groups of frames above and for each
+    frame (check_against)."""
     model, info = camgeo.load_checkpoint(ckpt, weights="ema", device=device)
     config, method = info["config"], info["method"]
     ratio = info["options"].get("sparse", 0.5)
@@ -493,8 +494,9 @@ def check_camera_following(ckpt, num_clips, sample_steps, cfg_scale, device, fra
             _, metrics = score(clips, videos[name], STUDY_PRESETS["cpu"].estimator_config, workers)
             lines.append(f"| {name} | " + " | ".join(summarise(metrics[:, i].tolist()) for i in range(3)) + " |")
     if against:
-        lines += ["", *check_against(videos["samples, own cameras"], f"{method} `{ckpt}`", against, clips, groups,
-                                     sample_steps, cfg_scale, device)]
+        each_frame = {f"frame {f}": [f] for f in range(1, config.num_frames)}  # where in the clip a gap lies
+        lines += ["", *check_against(videos["samples, own cameras"], f"{method} `{ckpt}`", against, clips,
+                                     {**groups, **each_frame}, sample_steps, cfg_scale, device)]
     return "\n".join(lines)
 
 
