@@ -446,6 +446,22 @@ def rescore_with_noise(cache_paths, preset, noise, draws=1, workers=1):
 # Command line
 
 
+def checkpoint_cameras(info, clips):
+    """What a loaded checkpoint (camgeo.load_checkpoint's info) is conditioned on for every clip, batched:
+    -> (cameras (C, F, camgeo.CAMERA_CHANNELS, size, size), its keyframe ratio)."""
+    ratio = info["options"].get("sparse", 0.5)
+    return torch.cat([camera_for(clip, info["method"], ratio, info["config"].image_size) for clip in clips]), ratio
+
+
+def sample_clips(model, clips, cameras, sample_steps, cfg_scale, device):
+    """All clips sampled in one batch from their reference frames and prompts with the check's seed, so that any
+    two calls with the same clips draw the same noise. -> (C, F, 3, H, W) on the CPU."""
+    reference = torch.stack([clip.video[0] for clip in clips])
+    with torch.no_grad():
+        return camgeo.sample(model, reference.to(device), [clip.prompt for clip in clips], cameras.to(device),
+                             sample_steps, cfg_scale, seed=SAMPLE_SEED).cpu()
+
+
 def check_camera_following(ckpt, num_clips, sample_steps, cfg_scale, device, frames_png=None, estimate=False,
                            workers=1, against=None):
     """Does a checkpoint follow the cameras it is given? A quick check, no camera estimation: PSNR and SSIM
@@ -461,18 +477,15 @@ def check_camera_following(ckpt, num_clips, sample_steps, cfg_scale, device, fra
     frame (check_against)."""
     model, info = camgeo.load_checkpoint(ckpt, weights="ema", device=device)
     config, method = info["config"], info["method"]
-    ratio = info["options"].get("sparse", 0.5)
     clips = held_out_clips(num_clips, config.num_frames, config.image_size)
+    cameras, ratio = checkpoint_cameras(info, clips)
     truth = torch.stack([clip.video for clip in clips])  # (C, F, 3, H, W)
-    reference, prompts = truth[:, 0], [clip.prompt for clip in clips]
-    cameras = torch.cat([camera_for(clip, method, ratio, config.image_size) for clip in clips])
+    reference = truth[:, 0]
     videos = {"repeat the reference frame": reference[:, None].expand_as(truth),
               "reference resampled along the given rays (a new model's guess)":
                   camgeo.reference_guess(reference, cameras)[1]}
     for name, camera in (("samples, own cameras", cameras), ("samples, another clip's cameras", cameras.roll(1, 0))):
-        with torch.no_grad():
-            videos[name] = camgeo.sample(model, reference.to(device), prompts, camera.to(device), sample_steps,
-                                         cfg_scale, seed=SAMPLE_SEED).cpu()
+        videos[name] = sample_clips(model, clips, camera, sample_steps, cfg_scale, device)
     if frames_png:
         report.draw_frames(clips[:4], [(name.split(", ")[1], video[:4]) for name, video in videos.items()
                                 if name.startswith("samples")], frames_png)
@@ -502,7 +515,7 @@ def check_camera_following(ckpt, num_clips, sample_steps, cfg_scale, device, fra
 
 def check_against(samples, label, baseline_ckpt, clips, groups, sample_steps, cfg_scale, device):
     """Samples (C, F, 3, H, W) of the clips with their own cameras, against a baseline checkpoint's samples of the
-    same clips with the same noise (check_camera_following's seed): per clip, the samples' PSNR and SSIM minus the
+    same clips with the same noise (sample_clips): per clip, the samples' PSNR and SSIM minus the
     baseline's over each group of frames ({name: frame indices}), with the bootstrap 95% interval of the mean
     (report.paired_differences). A gap between two students is read against the spread of its own pairs, which
     the two means alone do not show. -> Markdown lines."""
@@ -511,12 +524,8 @@ def check_against(samples, label, baseline_ckpt, clips, groups, sample_steps, cf
     if (config.num_frames, config.image_size) != tuple(samples.shape[i] for i in (1, 3)):
         raise ValueError(f"{baseline_ckpt} makes {config.num_frames} frames of {config.image_size} pixels, the "
                          f"checked checkpoint {samples.shape[1]} of {samples.shape[3]}: their samples do not pair")
-    ratio = info["options"].get("sparse", 0.5)
-    truth = torch.stack([clip.video for clip in clips])
-    cameras = torch.cat([camera_for(clip, method, ratio, config.image_size) for clip in clips])
-    with torch.no_grad():
-        baseline = camgeo.sample(model, truth[:, 0].to(device), [clip.prompt for clip in clips], cameras.to(device),
-                                 sample_steps, cfg_scale, seed=SAMPLE_SEED).cpu()
+    cameras, ratio = checkpoint_cameras(info, clips)
+    baseline = sample_clips(model, clips, cameras, sample_steps, cfg_scale, device)
     baseline_label = f"{method} `{baseline_ckpt}` ({ratio_label(ratio)} keyframes)"
     records = [{"method": name, "keyframes": group, "train_seed": 0, "clip_seed": clip.seed,
                 "PSNR": geometry.psnr(video[frames], clip.video[frames]).item(),
