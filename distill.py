@@ -33,6 +33,14 @@ TEACHER_GATE = "linear"
 # student learns fastest (the mottled texture at the size of its 4-pixel patches). sigma = 1.5 keeps 6% of a
 # 4-pixel period and half of an 8-pixel one: the layout, which is what the cameras move, passes.
 TEACHER_GRADIENT_SIGMA = 1.5
+# The teacher's frame 0. "reference": the reference image the student was given, so in an image-to-video model
+# frame 0 is an input, not a prediction. The teacher's world is its first frame (VGGT makes every camera relative
+# to it), and with the aligned cameras every other camera is chained from it; read from x0_hat, frame 0 receives
+# the largest L_traj gradient of any frame (RESULTS.md), and the student can move every camera at once by
+# repainting its copy of the reference. Read from the given reference, the anchor is where the data's is, and the
+# student is pulled only on the frames it invents. "predicted": x0_hat's own frame 0 (the teacher sees the
+# generated video whole, as the paper describes it).
+TEACHER_FRAME0 = "reference"
 # At most this fraction of each batch goes through the teacher (rounded up, so at least one clip): the teacher's
 # forward + backward is the expensive part of a CamGeo step (bench.py).
 TEACHER_BATCH_FRACTION = 0.125
@@ -117,10 +125,15 @@ class LowPassGradient(torch.autograd.Function):
         return blurred.reshape(grad.shape), None
 
 
-def teacher_frames(x0_pred, gradient_sigma=TEACHER_GRADIENT_SIGMA):
+def teacher_frames(x0_pred, gradient_sigma=TEACHER_GRADIENT_SIGMA, reference=None):
     """The predicted video as the teacher sees it: clamped to [0, 1] (it was trained on images) in the forward
     pass, with the gradient passed straight through, so a saturated pixel can still be pulled back, and
-    low-passed by gradient_sigma (LowPassGradient; 0 leaves it whole)."""
+    low-passed by gradient_sigma (LowPassGradient; 0 leaves it whole). reference (..., C, H, W) in [0, 1], if
+    given, replaces frame 0 (TEACHER_FRAME0 = "reference"); no gradient reaches x0_pred's frame 0 then."""
+    if reference is not None:
+        if reference.shape != x0_pred[..., 0, :, :, :].shape:
+            raise ValueError(f"reference {tuple(reference.shape)} does not match the frames of {tuple(x0_pred.shape)}")
+        x0_pred = torch.cat([reference.unsqueeze(-4).to(x0_pred.dtype), x0_pred[..., 1:, :, :, :]], dim=-4)
     if gradient_sigma < 0:
         raise ValueError(f"teacher gradient sigma must be >= 0, got {gradient_sigma}")
     if gradient_sigma > 0:
@@ -317,7 +330,8 @@ def distillation_losses(teacher_model, geometry_loss, out, batch, keyframe_mask,
     guidance (with no camera given there is no trajectory to follow), at most --teacher-fraction of the batch
     (select_teacher_clips). The teacher sees x0_hat through teacher_frames and resizes it to its own patch
     multiple (teacher.teacher_geometry); its parameters are frozen, the gradient flows through it to x0_hat,
-    low-passed by --teacher-gradient-sigma.
+    low-passed by --teacher-gradient-sigma; with --teacher-frame0 reference (the default) its frame 0 is the
+    reference image the student was given, not x0_hat's copy of it.
     With --distill-target teacher it also reads the real clip (no gradient) and that reading is the target:
     L_traj between the two trajectories (at the keyframes, or with --traj-frames all at every frame), and L_geo
     only by how much x0_hat is less consistent than x0.
@@ -331,7 +345,8 @@ def distillation_losses(teacher_model, geometry_loss, out, batch, keyframe_mask,
     if chosen.numel() == 0:
         return terms
     video, w2c, K = (batch[key][chosen] for key in ("video", "w2c", "K"))
-    frames = teacher_frames(out["x0_pred"][chosen], args.teacher_gradient_sigma)  # (n, F, 3, H, W)
+    reference = video[:, 0] if args.teacher_frame0 == "reference" else None
+    frames = teacher_frames(out["x0_pred"][chosen], args.teacher_gradient_sigma, reference)  # (n, F, 3, H, W)
     geo_options = dict(spans=tuple(args.spans), gamma=args.gamma, eta=args.eta,
                        smoothness_weight=args.smoothness_weight)
     seen = teacher.teacher_geometry(teacher_model, frames, args.teacher_cameras, intrinsics=K)

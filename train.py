@@ -132,6 +132,9 @@ def parse_args(argv=None):
     distillation.add_argument("--teacher-gradient-sigma", type=float, default=distill.TEACHER_GRADIENT_SIGMA,
                          help="low-pass the teacher's gradient to the predicted video by a Gaussian of this width "
                               "in pixels (0: unfiltered)")
+    distillation.add_argument("--teacher-frame0", choices=("reference", "predicted"), default=distill.TEACHER_FRAME0,
+                         help="the teacher's first frame: the reference image the student is given, or the "
+                              "student's own prediction of it")
     distillation.add_argument("--teacher-every", type=int, default=distill.TEACHER_EVERY, metavar="N",
                          help="run the teacher on every N-th step, its losses weighted N times there (1: every step)")
     distillation.add_argument("--teacher-fraction", type=float, default=distill.TEACHER_BATCH_FRACTION,
@@ -279,7 +282,7 @@ def export_ema(checkpoint, destination, dtype=torch.float16):
 
 
 DISTILLATION_OPTIONS = ("teacher", "teacher_cameras", "distill_target", "traj_frames", "traj_weight", "geo_weight",
-                        "traj_intrinsics", "teacher_gate", "teacher_t_max", "teacher_gradient_sigma",
+                        "traj_intrinsics", "teacher_gate", "teacher_t_max", "teacher_gradient_sigma", "teacher_frame0",
                         "teacher_fraction", "teacher_every", "schedule", "warmup", "warmup_fraction", "alpha_mid",
                         "beta_mid", "schedule_width", "geo_gate", "spans", "gamma", "eta", "smoothness_weight")
 

@@ -347,6 +347,25 @@ def test_low_passed_teacher_gradient_changes_the_gradient_not_the_losses(tmp_pat
     assert roughness(low_passed) < 0.5 * roughness(whole)
 
 
+def test_teacher_reads_the_given_reference_as_frame_0_unless_told_to_read_the_prediction(tmp_path, teacher_path):
+    gradients = {}
+    for frame0 in ("reference", "predicted"):
+        leaf = {}
+
+        def predicted(video):
+            leaf["x"] = video.roll(1, dims=0).clone().requires_grad_(True)  # another clip's frames: losses > 0
+            return leaf["x"]
+
+        terms = distillation_of(predicted, tmp_path, teacher_path, extra=("--teacher-frame0", frame0))
+        (terms["loss_traj"] + terms["loss_geo"]).backward()
+        assert terms["loss_traj"] > 0
+        gradients[frame0] = leaf["x"].grad
+    assert gradients["reference"][:, 0].abs().sum() == 0 and gradients["reference"][:, 1:].abs().sum() > 0
+    assert gradients["predicted"][:, 0].abs().sum() > 0
+    with pytest.raises(ValueError, match="does not match"):
+        distill.teacher_frames(torch.zeros(1, 4, 3, 8, 8), 0.0, reference=torch.zeros(1, 3, 4, 4))
+
+
 def test_clips_whose_camera_was_dropped_get_no_distillation(tmp_path, teacher_path):
     drop = torch.tensor([True, True, True, True])
     terms = distillation_of(lambda video: video.roll(1, dims=0), tmp_path, teacher_path, camera_drop=drop)
