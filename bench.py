@@ -228,7 +228,7 @@ def bench_steps(teacher_model, device, batch_size, config, repeats, use_compile)
     import data
     clips = train.collate([data.render_clip(seed, config.num_frames, config.image_size, config.image_size)
                            for seed in range(batch_size)])
-    geometry_loss = train.make_geometry_loss(use_compile)
+    geometry_pairs = train.make_geometry_pairs(use_compile)
     steps = {}
     every = distill.TEACHER_EVERY  # train.py's default cadence, which the parsed args below carry
     # about step 60 of 100 (alpha ~ 1, beta ~ 0.97: both distillation losses are computed), on the teacher's cadence
@@ -242,7 +242,7 @@ def bench_steps(teacher_model, device, batch_size, config, repeats, use_compile)
         generator = torch.Generator().manual_seed(0)
 
         def step(at_step, args=args, model=model, optimizer=optimizer, generator=generator):
-            loss, _ = train.step_losses(args, model, teacher_model, geometry_loss, clips, at_step, generator,
+            loss, _ = train.step_losses(args, model, teacher_model, geometry_pairs, clips, at_step, generator,
                                         config, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

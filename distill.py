@@ -33,14 +33,14 @@ TEACHER_GATE = "linear"
 # student learns fastest (the mottled texture at the size of its 4-pixel patches). sigma = 1.5 keeps 6% of a
 # 4-pixel period and half of an 8-pixel one: the layout, which is what the cameras move, passes.
 TEACHER_GRADIENT_SIGMA = 1.5
-# The teacher's frame 0. "reference": the reference image the student was given, so in an image-to-video model
-# frame 0 is an input, not a prediction. The teacher's world is its first frame (VGGT makes every camera relative
-# to it), and with the aligned cameras every other camera is chained from it; read from x0_hat, frame 0 receives
-# the largest L_traj gradient of any frame (RESULTS.md), and the student can move every camera at once by
-# repainting its copy of the reference. Read from the given reference, the anchor is where the data's is, and the
-# student is pulled only on the frames it invents. "predicted": x0_hat's own frame 0 (the teacher sees the
-# generated video whole, as the paper describes it).
-TEACHER_FRAME0 = "reference"
+# The teacher's frame 0. "predicted": x0_hat's own frame 0 (the teacher sees the generated video whole, as the
+# paper describes it). "reference": the reference image the student was given, since in image-to-video frame 0 is
+# an input, not a prediction. The teacher's world is its first frame (VGGT makes every camera relative to it) and
+# the aligned cameras are chained from it; read from x0_hat, frame 0 receives the largest L_traj gradient of any
+# frame (train_teacher.py --pull), so the student could move every camera at once by repainting its copy of the
+# reference. Measured, it does not: paired with Sparse on 64 clips the two score the same, frame by frame
+# (RESULTS.md), so the default stays the paper's.
+TEACHER_FRAME0 = "predicted"
 # At most this fraction of each batch goes through the teacher (rounded up, so at least one clip): the teacher's
 # forward + backward is the expensive part of a CamGeo step (bench.py).
 TEACHER_BATCH_FRACTION = 0.125
@@ -61,6 +61,12 @@ DISTILL_TARGET = "teacher"
 # frame, which only the teacher target allows: the teacher's reading of the real clip needs no camera label, so it
 # can supervise the frames between keyframes, where a sparse student has no pose to follow.
 TRAJ_FRAMES = "keyframes"
+# With the teacher target, how L_geo's excess over the real clip is taken. "clip": max(0, L_geo(x0_hat) -
+# L_geo(x0)) of the clip's whole sum, so one term's shortfall can pay for the other's excess. "pair": each term of
+# each pair on its own, max(0, x0_hat's - x0's): no pair and no term pays for another, a prediction whose camera
+# moves more evenly than the real clip's earns nothing, and the smoothness term cannot pull a keyframe's camera
+# off the data's to make up for depth that is less consistent elsewhere.
+GEO_EXCESS = "clip"
 # Weights of the two distillation terms inside L_total. The paper's are 1; here one distilled clip, read by a
 # teacher that sees a prediction much less well than a real frame, then pulls on the student as hard as the
 # diffusion loss of the whole batch, and costs image quality (RESULTS.md). The cost falls with the weight: the
@@ -219,6 +225,33 @@ def image_gradient_l1(frames):
     return (dx + dy).mean(dim=-3)
 
 
+def geometry_pairs(depth, w2c, K, frames, spans=GEO_SPANS, gamma=GEO_GAMMA, eta=GEO_ETA,
+                   scale_mode=GEO_SCALE_MODE):
+    """The two terms of L_geo pair by pair, weighted: (depth term, smoothness term), each (B, P) over the pairs of
+    span_pairs; geometry_loss sums them. Kept apart so that a target can be compared pair by pair (GEO_EXCESS)."""
+    B, num_frames, H, W = depth.shape
+    first, second, following, depth_weight, smooth_weight = (
+        x.to(depth.device) for x in span_pairs(num_frames, spans, gamma))
+    depth_weight, smooth_weight = depth_weight.to(depth.dtype), smooth_weight.to(depth.dtype)
+    w2c = geometry.to_homogeneous(w2c)  # (B, F, 4, 4)
+    relative = w2c[:, second] @ geometry.invert_pose(w2c[:, first])  # (B, P, 4, 4) camera f -> camera f + k
+
+    # pairs of one span are two slices of the clip; slices (not an index gather) keep the backward a plain add
+    usable_spans = sorted({int(k) for k in spans if 0 < int(k) < num_frames})
+    depth_a = torch.cat([depth[:, :num_frames - k] for k in usable_spans], dim=1)  # (B, P, H, W)
+    depth_b = torch.cat([depth[:, k:] for k in usable_spans], dim=1)
+    residual, valid = geometry.depth_consistency_residual(depth_a, depth_b, K[:, first], relative, scale_mode,
+                                                          K_b=K[:, second])  # (B, P, H, W) each
+    edge_weight = torch.exp(-eta * image_gradient_l1(frames.detach()))  # (B, F, H, W)
+    edge_weight = torch.cat([edge_weight[:, :num_frames - k] for k in usable_spans], dim=1)
+    per_pair = (edge_weight * residual).flatten(2).sum(-1) / valid.flatten(2).sum(-1).clamp(min=1)  # (B, P)
+
+    # smoothness: change of relative motion between consecutive pairs of the same span
+    motion = torch.cat([relative[..., :3, :3], relative[..., :3, 3:] / scene_scale(depth)[:, None, None, None]], -1)
+    change = (motion[:, following.clamp(min=0)] - motion).abs().flatten(2).sum(-1)  # (B, P)
+    return per_pair * depth_weight, change * smooth_weight
+
+
 def geometry_loss(depth, w2c, K, frames, spans=GEO_SPANS, gamma=GEO_GAMMA, eta=GEO_ETA,
                   scale_mode=GEO_SCALE_MODE, smoothness_weight=GEO_SMOOTHNESS_WEIGHT):
     """Cross-frame consistency distillation for all pairs of a batch at once, per clip (B,):
@@ -245,29 +278,22 @@ def geometry_loss(depth, w2c, K, frames, spans=GEO_SPANS, gamma=GEO_GAMMA, eta=G
 
     No Python loop over pairs (index tensors and slices gather all pairs at once): train.py compiles it.
     """
-    B, num_frames, H, W = depth.shape
-    first, second, following, depth_weight, smooth_weight = (
-        x.to(depth.device) for x in span_pairs(num_frames, spans, gamma))
-    depth_weight, smooth_weight = depth_weight.to(depth.dtype), smooth_weight.to(depth.dtype)
-    w2c = geometry.to_homogeneous(w2c)  # (B, F, 4, 4)
-    relative = w2c[:, second] @ geometry.invert_pose(w2c[:, first])  # (B, P, 4, 4) camera f -> camera f + k
-
-    # pairs of one span are two slices of the clip; slices (not an index gather) keep the backward a plain add
-    usable_spans = sorted({int(k) for k in spans if 0 < int(k) < num_frames})
-    depth_a = torch.cat([depth[:, :num_frames - k] for k in usable_spans], dim=1)  # (B, P, H, W)
-    depth_b = torch.cat([depth[:, k:] for k in usable_spans], dim=1)
-    residual, valid = geometry.depth_consistency_residual(depth_a, depth_b, K[:, first], relative, scale_mode,
-                                                          K_b=K[:, second])  # (B, P, H, W) each
-    edge_weight = torch.exp(-eta * image_gradient_l1(frames.detach()))  # (B, F, H, W)
-    edge_weight = torch.cat([edge_weight[:, :num_frames - k] for k in usable_spans], dim=1)
-    per_pair = (edge_weight * residual).flatten(2).sum(-1) / valid.flatten(2).sum(-1).clamp(min=1)  # (B, P)
-    depth_term = (per_pair * depth_weight).sum(-1)  # (B,)
-
-    # smoothness term: change of relative motion between consecutive pairs of the same span
-    motion = torch.cat([relative[..., :3, :3], relative[..., :3, 3:] / scene_scale(depth)[:, None, None, None]], -1)
-    change = (motion[:, following.clamp(min=0)] - motion).abs().flatten(2).sum(-1)  # (B, P)
-    smooth_term = (change * smooth_weight).sum(-1)  # (B,)
+    depth_pairs, smooth_pairs = geometry_pairs(depth, w2c, K, frames, spans, gamma, eta, scale_mode)
+    depth_term, smooth_term = depth_pairs.sum(-1), smooth_pairs.sum(-1)  # (B,)
     return depth_term + smoothness_weight * smooth_term, depth_term, smooth_term
+
+
+def geometry_excess(seen, real, smoothness_weight=GEO_SMOOTHNESS_WEIGHT, mode=GEO_EXCESS):
+    """L_geo with the teacher target: how much less consistent x0_hat is than x0. seen and real are geometry_pairs
+    of the two, (depth term, smoothness term) each (B, P) -> (B,). mode "pair": sum over pairs and
+    terms of max(0, seen - real); "clip" (GEO_EXCESS): max(0, L_geo(seen) - L_geo(real))."""
+    if mode == "pair":
+        return ((seen[0] - real[0]).clamp(min=0).sum(-1)
+                + smoothness_weight * (seen[1] - real[1]).clamp(min=0).sum(-1))
+    if mode == "clip":
+        total = lambda terms: terms[0].sum(-1) + smoothness_weight * terms[1].sum(-1)
+        return (total(seen) - total(real)).clamp(min=0)
+    raise ValueError(f"geo excess must be 'pair' or 'clip', got {mode!r}")
 
 
 def curriculum_weights(step, total_steps, schedule="sigmoid", warmup=True, warmup_fraction=CURRICULUM_WARMUP,
@@ -321,7 +347,7 @@ def total_loss(loss_diff, loss_traj, loss_geo, alpha, beta, geo_gate="beta", tra
 # the teacher's reading of a training batch
 
 
-def distillation_losses(teacher_model, geometry_loss, out, batch, keyframe_mask, args):
+def distillation_losses(teacher_model, geometry_pairs, out, batch, keyframe_mask, args):
     """The teacher's view of the predicted video -> {loss_traj, loss_geo, loss_geo_depth, loss_geo_smooth} and
     teacher_clips. Each loss is summed over the clips shown to the teacher and divided by the batch size, so a
     distilled clip weighs what its own diffusion loss weighs.
@@ -330,11 +356,12 @@ def distillation_losses(teacher_model, geometry_loss, out, batch, keyframe_mask,
     guidance (with no camera given there is no trajectory to follow), at most --teacher-fraction of the batch
     (select_teacher_clips). The teacher sees x0_hat through teacher_frames and resizes it to its own patch
     multiple (teacher.teacher_geometry); its parameters are frozen, the gradient flows through it to x0_hat,
-    low-passed by --teacher-gradient-sigma; with --teacher-frame0 reference (the default) its frame 0 is the
+    low-passed by --teacher-gradient-sigma; with --teacher-frame0 reference its frame 0 is the
     reference image the student was given, not x0_hat's copy of it.
     With --distill-target teacher it also reads the real clip (no gradient) and that reading is the target:
     L_traj between the two trajectories (at the keyframes, or with --traj-frames all at every frame), and L_geo
-    only by how much x0_hat is less consistent than x0.
+    only by how much x0_hat is less consistent than x0 (pair by pair and term by term, or with --geo-excess clip
+    over the clip's sum). geometry_pairs is distill.geometry_pairs or its compiled form.
     """
     B = out["t"].shape[0]
     weights = teacher_weight(out["t"], args.teacher_t_max, args.teacher_gate) * ~out["camera_drop"]
@@ -347,18 +374,21 @@ def distillation_losses(teacher_model, geometry_loss, out, batch, keyframe_mask,
     video, w2c, K = (batch[key][chosen] for key in ("video", "w2c", "K"))
     reference = video[:, 0] if args.teacher_frame0 == "reference" else None
     frames = teacher_frames(out["x0_pred"][chosen], args.teacher_gradient_sigma, reference)  # (n, F, 3, H, W)
-    geo_options = dict(spans=tuple(args.spans), gamma=args.gamma, eta=args.eta,
-                       smoothness_weight=args.smoothness_weight)
+    geo_options = dict(spans=tuple(args.spans), gamma=args.gamma, eta=args.eta)
+    smoothness_weight = args.smoothness_weight
     seen = teacher.teacher_geometry(teacher_model, frames, args.teacher_cameras, intrinsics=K)
-    geo, geo_depth, geo_smooth = geometry_loss(seen["depth"], seen["extrinsics"], seen["intrinsics"], frames,
+    depth_pairs, smooth_pairs = geometry_pairs(seen["depth"], seen["extrinsics"], seen["intrinsics"], frames,
                                                **geo_options)
+    geo_depth, geo_smooth = depth_pairs.sum(-1), smooth_pairs.sum(-1)
+    geo = geo_depth + smoothness_weight * geo_smooth
     if args.distill_target == "teacher":
         with torch.no_grad():
             real = teacher.teacher_geometry(teacher_model, video, args.teacher_cameras, intrinsics=K)
-            real_geo, _, _ = geometry_loss(real["depth"], real["extrinsics"], real["intrinsics"], video,
-                                           **geo_options)
+            real_depth, real_smooth = geometry_pairs(real["depth"], real["extrinsics"], real["intrinsics"], video,
+                                                     **geo_options)
         target_w2c, target_K, target_scale = real["extrinsics"], real["intrinsics"], scene_scale(real["depth"])
-        geo = (geo - real_geo).clamp(min=0)
+        geo = geometry_excess((depth_pairs, smooth_pairs), (real_depth, real_smooth), smoothness_weight,
+                              args.geo_excess)
     else:
         target_w2c, target_K, target_scale = w2c, K, scene_scale(batch["depth"][chosen])
     traj_mask = keyframe_mask[chosen] if args.traj_frames == "keyframes" else torch.ones_like(keyframe_mask[chosen])

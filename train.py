@@ -118,6 +118,9 @@ def parse_args(argv=None):
     distillation.add_argument("--distill-target", choices=("teacher", "truth"), default=distill.DISTILL_TARGET,
                          help="compare the teacher's reading of the predicted video with its reading of the real "
                               "clip (zero at the data), or with the true keyframe poses (the paper's form)")
+    distillation.add_argument("--geo-excess", choices=("pair", "clip"), default=distill.GEO_EXCESS,
+                         help="with the teacher target, L_geo counts x0_hat's excess over the real clip per pair "
+                              "and term, or over the clip's whole sum")
     distillation.add_argument("--traj-frames", choices=("keyframes", "all"), default=distill.TRAJ_FRAMES,
                          help="frames L_traj compares: the keyframes (the paper's), or every frame (needs "
                               "--distill-target teacher)")
@@ -281,7 +284,7 @@ def export_ema(checkpoint, destination, dtype=torch.float16):
     atomic_write(destination, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-DISTILLATION_OPTIONS = ("teacher", "teacher_cameras", "distill_target", "traj_frames", "traj_weight", "geo_weight",
+DISTILLATION_OPTIONS = ("teacher", "teacher_cameras", "distill_target", "geo_excess", "traj_frames", "traj_weight", "geo_weight",
                         "traj_intrinsics", "teacher_gate", "teacher_t_max", "teacher_gradient_sigma", "teacher_frame0",
                         "teacher_fraction", "teacher_every", "schedule", "warmup", "warmup_fraction", "alpha_mid",
                         "beta_mid", "schedule_width", "geo_gate", "spans", "gamma", "eta", "smoothness_weight")
@@ -391,28 +394,28 @@ def load_teacher(path, device):
     return teacher.freeze(teacher.load_vggt(path)).to(device)
 
 
-def make_geometry_loss(use_compile):
-    """distill.geometry_loss, compiled with torch.compile when asked. Compilation happens at the first call; if it
+def make_geometry_pairs(use_compile):
+    """distill.geometry_pairs, compiled with torch.compile when asked. Compilation happens at the first call; if it
     fails there (no C compiler, an unsupported device), that call and all later ones run eagerly, with a note."""
     if not use_compile:
-        return distill.geometry_loss
-    current = {"fn": torch.compile(distill.geometry_loss)}
+        return distill.geometry_pairs
+    current = {"fn": torch.compile(distill.geometry_pairs)}
 
-    def geometry_loss(*args, **kwargs):
+    def geometry_pairs(*args, **kwargs):
         try:
             return current["fn"](*args, **kwargs)
         except Exception as error:
-            if current["fn"] is distill.geometry_loss:
+            if current["fn"] is distill.geometry_pairs:
                 raise
-            print(f"note: torch.compile of geometry_loss failed ({type(error).__name__}: "
+            print(f"note: torch.compile of geometry_pairs failed ({type(error).__name__}: "
                   f"{str(error).splitlines()[0][:120] if str(error) else ''}); running it eagerly")
-            current["fn"] = distill.geometry_loss
+            current["fn"] = distill.geometry_pairs
             return current["fn"](*args, **kwargs)
 
-    return geometry_loss
+    return geometry_pairs
 
 
-def step_losses(args, model, teacher_model, geometry_loss, batch, step, generator, config, device):
+def step_losses(args, model, teacher_model, geometry_pairs, batch, step, generator, config, device):
     """One step's loss -> (loss to minimise, dict of the terms: loss_diff and, for camgeo, alpha, beta, loss_traj,
     loss_geo (= loss_geo_depth + smoothness weight * loss_geo_smooth), teacher_clips and teacher_factor, the
     multiple of the distillation weights this step: --teacher-every on the steps the teacher runs, else 0)."""
@@ -430,7 +433,7 @@ def step_losses(args, model, teacher_model, geometry_loss, batch, step, generato
     factor = args.teacher_every if alpha > 0 and step % args.teacher_every == 0 else 0
     terms.update(alpha=alpha, beta=beta, teacher_factor=factor)
     if factor:
-        terms.update(distill.distillation_losses(teacher_model, geometry_loss, out, batch, keyframe_mask, args))
+        terms.update(distill.distillation_losses(teacher_model, geometry_pairs, out, batch, keyframe_mask, args))
     else:
         terms.update({name: out["loss"].new_zeros(()) for name in
                       ("loss_traj", "loss_geo", "loss_geo_depth", "loss_geo_smooth")}, teacher_clips=0)
@@ -504,7 +507,7 @@ def train_process(args, rank, world_size):
     requires_grad(ema, False)
     ema.eval()
     optimizer = torch.optim.AdamW(raw_model.parameters(), lr=args.lr, weight_decay=0.0)
-    teacher_model, geometry_loss = None, None
+    teacher_model, geometry_pairs = None, None
     if args.method == "camgeo":
         teacher_model = load_teacher(args.teacher, device)
         # --log-term-gradients backpropagates each term through the step's graph before the real backward; a
@@ -512,7 +515,7 @@ def train_process(args, rank, world_size):
         use_compile = args.compile and not args.log_term_gradients
         if args.compile and args.log_term_gradients and master:
             print("note: --log-term-gradients runs L_geo eagerly (a compiled backward cannot be repeated)")
-        geometry_loss = make_geometry_loss(use_compile)
+        geometry_pairs = make_geometry_pairs(use_compile)
     model = raw_model
     if world_size > 1:
         model = DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -537,7 +540,7 @@ def train_process(args, rank, world_size):
         lr = learning_rate(step, args.steps, args.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, terms = step_losses(args, model, teacher_model, geometry_loss, next(stream), step, generator, config,
+        loss, terms = step_losses(args, model, teacher_model, geometry_pairs, next(stream), step, generator, config,
                                   device)
         if args.debug_nan_at_step == step + 1:
             loss = loss * float("nan")

@@ -315,6 +315,29 @@ def test_smoothness_weight_zero_leaves_only_the_depth_term():
     assert torch.equal(loss, depth_term) and torch.all(smooth > 0)
 
 
+def test_geometry_pairs_sum_to_the_two_terms_of_geometry_loss():
+    depth, w2c, K, frames = clip_batch()
+    depth_pairs, smooth_pairs = distill.geometry_pairs(depth, w2c, K, frames)
+    loss, depth_term, smooth = distill.geometry_loss(depth, w2c, K, frames, smoothness_weight=0.5)
+    assert depth_pairs.shape == smooth_pairs.shape == (depth.shape[0], len(distill.span_pairs(depth.shape[1],
+                                                                                              distill.GEO_SPANS)[0]))
+    assert torch.allclose(depth_pairs.sum(-1), depth_term) and torch.allclose(smooth_pairs.sum(-1), smooth)
+    assert torch.allclose(loss, depth_term + 0.5 * smooth)
+
+
+def test_geometry_excess_per_pair_lets_no_term_pay_for_another_and_is_zero_at_the_real_clip():
+    real = (torch.tensor([[0.5, 0.5]]), torch.tensor([[0.3, 0.0]]))
+    seen = (torch.tensor([[1.0, 0.5]]), torch.tensor([[0.0, 0.0]]))  # worse depth, smoother camera than the data
+    assert torch.allclose(distill.geometry_excess(seen, real, 1.0, "pair"), torch.tensor([0.5]))
+    assert torch.allclose(distill.geometry_excess(seen, real, 1.0, "clip"), torch.tensor([0.2]))
+    for mode in ("pair", "clip"):
+        assert distill.geometry_excess(real, real, 1.0, mode).item() == 0
+    smoother = (real[0], torch.tensor([[0.1, 0.0]]))  # only smoother: nothing to pay, nothing to gain
+    assert distill.geometry_excess(smoother, real, 1.0, "pair").item() == 0
+    with pytest.raises(ValueError, match="pair"):
+        distill.geometry_excess(seen, real, 1.0, "sum")
+
+
 def test_span_weights_favour_longer_spans_and_drop_spans_longer_than_the_clip():
     first, second, following, depth_weight, smooth_weight = distill.span_pairs(5, (1, 2, 4, 8), gamma=0.1)
     spans = second - first

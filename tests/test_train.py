@@ -235,7 +235,7 @@ def one_step_terms(tmp_path, teacher_path, step, extra=()):
     model = camgeo.CamGeo(SMOKE)
     clips = batch(num_frames=SMOKE.num_frames, seeds=(0, 1, 2, 3))
     generator = torch.Generator().manual_seed(0)
-    loss, terms = train.step_losses(args, model, train.load_teacher(teacher_path, "cpu"), distill.geometry_loss,
+    loss, terms = train.step_losses(args, model, train.load_teacher(teacher_path, "cpu"), distill.geometry_pairs,
                                     clips, step, generator, SMOKE, torch.device("cpu"))
     return loss, terms, args
 
@@ -298,7 +298,7 @@ def distillation_of(video_pred, tmp_path, teacher_path, extra=(), camera_drop=No
            "camera_drop": torch.zeros(4, dtype=torch.bool) if camera_drop is None else camera_drop}
     mask = torch.zeros(4, SMOKE.num_frames)
     mask[:, [0, SMOKE.num_frames - 1]] = 1
-    return distill.distillation_losses(train.load_teacher(teacher_path, "cpu"), distill.geometry_loss, out, clips, mask,
+    return distill.distillation_losses(train.load_teacher(teacher_path, "cpu"), distill.geometry_pairs, out, clips, mask,
                                      args)
 
 
@@ -390,7 +390,7 @@ def test_distillation_gradient_reaches_the_student_through_the_frozen_teacher(tm
     for p in [*model.final_layer.parameters(), *model.pixel_head.net[-1].parameters()]:
         p.data.normal_(0, 0.02)  # zero-initialised layers would block the gradient to everything before them
     clips = batch(num_frames=SMOKE.num_frames, seeds=(0, 1, 2, 3))
-    _, terms = train.step_losses(args, model, teacher_model, distill.geometry_loss, clips, 6,
+    _, terms = train.step_losses(args, model, teacher_model, distill.geometry_pairs, clips, 6,
                                  torch.Generator().manual_seed(0), SMOKE, torch.device("cpu"))
     (terms["loss_traj"] + terms["loss_geo"]).backward()
     assert terms["loss_traj"] > 0 and model.final_layer.linear.weight.grad.abs().sum() > 0
@@ -403,13 +403,13 @@ def test_compile_falls_back_to_eager_with_a_note_when_compilation_fails(monkeypa
             raise RuntimeError("no C compiler")
         return compiled
     monkeypatch.setattr(torch, "compile", broken_compile)
-    geometry_loss = train.make_geometry_loss(True)
+    geometry_pairs = train.make_geometry_pairs(True)
     depth = torch.rand(1, 3, 8, 8) + 1
     w2c = torch.eye(4)[:3].expand(1, 3, 3, 4)
     K = torch.tensor([[8.0, 0, 4], [0, 8.0, 4], [0, 0, 1]]).expand(1, 3, 3, 3)
     frames = torch.rand(1, 3, 3, 8, 8)
-    result = geometry_loss(depth, w2c, K, frames)
-    assert torch.equal(result[0], distill.geometry_loss(depth, w2c, K, frames)[0])
+    result = geometry_pairs(depth, w2c, K, frames)
+    assert torch.equal(result[0], distill.geometry_pairs(depth, w2c, K, frames)[0])
     assert "running it eagerly" in capsys.readouterr().out
 
 
