@@ -25,8 +25,9 @@ whether one student follows the cameras it is given; `--against CKPT2` pairs it 
 The study trains what is missing (python train.py ... --out OUT/ckpt/<name>), reuses checkpoints that exist,
 samples every test clip with fixed seeds, estimates, scores, and writes OUT/table.md, OUT/table.csv, OUT/per_clip.csv,
 OUT/trajectories.png (top-down requested vs estimated paths) and OUT/frames.png (generated vs ground truth).
-A checkpoint is reused when OUT/ckpt/<run>/evaluate_command.json records the same train.py options; after a
-change to the model code, delete OUT/ckpt (and OUT/runs, the cached videos and camera paths) to start afresh.
+A checkpoint is reused when its run finished and its recorded method, steps and options equal what the same
+train.py command resolves to now (defaults included, so a changed default retrains); after a change to the model
+code, delete OUT/ckpt (and OUT/runs, the cached videos and camera paths) to start afresh.
 Reading per-clip files back into tables, the paired differences and the pictures are report.py's.
 """
 import argparse
@@ -44,6 +45,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
 import camgeo
 import data
@@ -263,20 +265,33 @@ def train_command(run, preset, out, device, threads):
     return command
 
 
+def trained_by(ckpt, command):
+    """Whether the finished checkpoint `ckpt` holds what train.py `command` would train today: the same method,
+    preset, step count and options with train.py's current defaults filled in (train.checkpoint_options), so a
+    changed default retrains instead of reusing weights trained with the old one. Unreadable -> False."""
+    import train  # the study's own process only; the trainings run as subprocesses
+    args = train.parse_args(command[2:])  # past the interpreter and "train.py"
+    wanted = json.loads(json.dumps(train.checkpoint_options(args)))  # lists and floats as the metadata holds them
+    try:
+        with safe_open(ckpt, framework="pt") as f:
+            metadata = f.metadata() or {}
+        recorded = json.loads(metadata.get("options", "{}"))
+    except (OSError, ValueError, SafetensorError):  # truncated or not a checkpoint: train it again
+        return False
+    return (metadata.get("method") == args.method and metadata.get("step") == str(args.steps)
+            and recorded == wanted)
+
+
 def ensure_checkpoint(run, preset, out_dir, device, threads):
-    """Train run unless OUT/ckpt/<name> already holds a checkpoint made by the same command. -> ckpt path."""
+    """Train run unless OUT/ckpt/<name> already holds a finished checkpoint of what the same command trains now
+    (trained_by). -> ckpt path."""
     folder = os.path.join(out_dir, "ckpt", run.name)
     ckpt, marker = os.path.join(folder, "ckpt.safetensors"), os.path.join(folder, "evaluate_command.json")
     command = train_command(run, preset, folder, device, threads)
-    # What the weights depend on: the command without the interpreter, the folder, the device and the threads
-    # (so a moved study folder or another --threads still reuses its checkpoints).
-    where = {"--out", "--device", "--threads"}
-    recorded = [a for i, a in enumerate(command) if i > 0 and a not in where and command[i - 1] not in where]
-    if os.path.exists(ckpt) and os.path.exists(marker):
-        with open(marker) as f:
-            if json.load(f) == recorded:
-                print(f"[{run.name}] reusing {ckpt}", flush=True)
-                return ckpt
+    # the marker is written once training has finished: a checkpoint without it is a run that was cut short
+    if os.path.exists(ckpt) and os.path.exists(marker) and trained_by(ckpt, command):
+        print(f"[{run.name}] reusing {ckpt}", flush=True)
+        return ckpt
     os.makedirs(folder, exist_ok=True)
     print(f"[{run.name}] training: {' '.join(command[1:])}", flush=True)
     start = time.perf_counter()
@@ -287,7 +302,7 @@ def ensure_checkpoint(run, preset, out_dir, device, threads):
             tail = f.read()[-800:]
         raise StudyError(f"training {run.name} failed (exit {result.returncode}); end of its output:\n{tail}")
     with open(marker, "w") as f:
-        json.dump(recorded, f)
+        json.dump(command[1:], f)
     print(f"[{run.name}] trained in {time.perf_counter() - start:.0f} s", flush=True)
     return ckpt
 

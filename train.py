@@ -290,16 +290,22 @@ DISTILLATION_OPTIONS = ("teacher", "teacher_cameras", "distill_target", "geo_exc
                         "beta_mid", "schedule_width", "geo_gate", "spans", "gamma", "eta", "smoothness_weight")
 
 
-def save_checkpoint(out_dir, model, ema, optimizer, config, args, step, rng_states):
-    """ckpt.safetensors (student and EMA weights) and train_state.pt (step, optimizer, every rank's RNG states)."""
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
+def checkpoint_options(args):
+    """The options a checkpoint records with its weights, defaults filled in: what the weights depend on beyond
+    the method and the preset's model (evaluate.py reuses a checkpoint only if they equal a command's)."""
     options = {"sparse": args.sparse, "random_keyframes": args.random_keyframes, "preset": args.preset,
                "seed": args.seed, "data": args.data, "steps": args.steps}
     if args.method == "camgeo":
         options.update({name: getattr(args, name) for name in DISTILLATION_OPTIONS})
+    return options
+
+
+def save_checkpoint(out_dir, model, ema, optimizer, config, args, step, rng_states):
+    """ckpt.safetensors (student and EMA weights) and train_state.pt (step, optimizer, every rank's RNG states)."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
     metadata = {"config": camgeo.config_to_json(config), "method": args.method, "step": str(step),
-                "options": json.dumps(options)}
+                "options": json.dumps(checkpoint_options(args))}
     state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_states}
     atomic_write(os.path.join(out_dir, TRAIN_STATE_NAME), lambda tmp: torch.save(state, tmp))
     atomic_write(os.path.join(out_dir, CKPT_NAME), lambda tmp: save_file(tensors, tmp, metadata=metadata))

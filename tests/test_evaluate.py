@@ -1,10 +1,12 @@
 """evaluate.py: the camera estimator finds known poses, and the study runs end to end on a tiny config."""
 import csv
+import json
 import os
 
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import camgeo
 import data
@@ -150,6 +152,30 @@ def test_smoke_study_reuses_its_checkpoint(smoke_study, capsys):
     evaluate.main(["--preset", "smoke", "--methods", "sparse", "--out", smoke_study])
     assert os.path.getmtime(ckpt) == before
     assert "reusing" in capsys.readouterr().out
+
+
+def test_a_checkpoint_is_reused_only_if_it_holds_what_its_command_trains_now(tmp_path, monkeypatch):
+    run = evaluate.Run("camgeo_0.5_0", "camgeo", 0.5, 0, (), "CamGeo")
+    command = evaluate.train_command(run, evaluate.STUDY_PRESETS["smoke"], str(tmp_path), "cpu", 1)
+    args = train.parse_args(command[2:])
+    ckpt = str(tmp_path / "ckpt.safetensors")
+
+    def write(method="camgeo", step=args.steps, options=train.checkpoint_options(args)):
+        save_file({"ema.x": torch.zeros(1)}, ckpt,
+                  metadata={"method": method, "step": str(step), "options": json.dumps(options)})
+
+    write()
+    assert evaluate.trained_by(ckpt, command)
+    monkeypatch.setattr(distill, "TEACHER_GRADIENT_SIGMA", distill.TEACHER_GRADIENT_SIGMA + 1)  # a new default
+    assert not evaluate.trained_by(ckpt, command)
+    monkeypatch.undo()
+    write(step=args.steps - 1)  # a run cut short
+    assert not evaluate.trained_by(ckpt, command)
+    write(method="sparse")
+    assert not evaluate.trained_by(ckpt, command)
+    with open(ckpt, "wb") as f:  # truncated
+        f.write(b"\x10\x00")
+    assert not evaluate.trained_by(ckpt, command)
 
 
 @pytest.mark.parametrize("name", sorted(evaluate.ABLATIONS))
