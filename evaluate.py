@@ -154,13 +154,14 @@ class Ablation(NamedTuple):
     baseline: str  # the table name it is read against
 
 
-# Ablations of CamGeo (trained at the first ratio only), by name. Each differs from its baseline by one choice
-# (the paper's weights without the low-pass by two, the gentle form below by three), and study_differences pairs the two clip by clip, so each
-# measures its own change. The paper's three ablations and L_traj on every frame change one choice of the defaults.
-# The rest step back from the defaults: both distillation weights 0.25 instead of distill.TRAJ_WEIGHT /
-# GEO_WEIGHT, then that with the teacher on every step, as the paper trains, instead of every third step at three
-# times the weight (distill.TEACHER_EVERY); the paper's ablations and this implementation's departures from the
-# printed form are measured once more against that every-step form, where the distillation pulls harder.
+# Ablations of CamGeo (trained at the first ratio only), by name. Each differs from its baseline by one choice (the
+# paper's weights without the low-pass by two, the gentle form below by three), and study_differences pairs the two
+# clip by clip, so each measures its own change. The paper's three ablations and L_traj on every frame change one
+# choice of the defaults. The rest step back from the defaults: both distillation weights 0.25 instead of
+# distill.TRAJ_WEIGHT / GEO_WEIGHT, then that with the teacher on every step, as the paper trains, instead of every
+# third step at three times the weight (distill.TEACHER_EVERY); the paper's ablations and this implementation's
+# departures from the printed form are measured once more against that every-step form, where the distillation pulls
+# harder.
 QUARTER_WEIGHTS = ["--traj-weight", "0.25", "--geo-weight", "0.25"]
 QUARTER_WEIGHTS_LABEL = "CamGeo, weights 0.25"
 EVERY_STEP = QUARTER_WEIGHTS + ["--teacher-every", "1"]
@@ -413,9 +414,9 @@ def evaluate_run(run, ckpt, clips, preset, out_dir, device, workers=1):
 
 def study_differences(records):
     """The paired differences a study reports: CamGeo - Sparse at every ratio (and the weight-0.25 and gentle forms -
-    Sparse where they ran), then each CamGeo ablation present minus its baseline (same seed, same clips), so an ablation is
-    read against the spread of its own pairs rather than the overlap of two means with wide clip-to-clip spreads.
-    Markdown lines."""
+    Sparse where they ran), then each CamGeo ablation present minus its baseline (same seed, same clips), so an
+    ablation is read against the spread of its own pairs rather than the overlap of two means with wide
+    clip-to-clip spreads. Markdown lines."""
     lines = report.paired_differences(records)
     present = {r["method"] for r in records}
     for name in ("camgeo_w025", "camgeo_every1", "camgeo_gentle"):
