@@ -489,6 +489,8 @@ class VGGT(nn.Module):
       pose_enc_list [(B, S, 9)] * camera_iterations
       depth (B, S, H, W, 1), depth_conf (B, S, H, W)
       world_points (B, S, H, W, 3), world_points_conf (B, S, H, W)   in frame 0's camera coordinates
+    point_maps=False skips the point head (a fifth of the small teacher's forward pass), which distillation
+    never reads; the dict then has no world_points keys.
     """
 
     def __init__(self, config=VGGT_1B):
@@ -500,7 +502,7 @@ class VGGT(nn.Module):
         self.point_head = DPTHead(config, output_dim=4, activation="inv_log")
         self.depth_head = DPTHead(config, output_dim=2, activation="exp")
 
-    def forward(self, images):
+    def forward(self, images, point_maps=True):
         if images.dim() == 4:
             images = images.unsqueeze(0)
         if images.dim() != 5 or images.shape[2] != 3:
@@ -512,9 +514,10 @@ class VGGT(nn.Module):
         aggregated, patch_start_idx = self.aggregator(images)
         pose_enc_list = self.camera_head(aggregated[-1])
         depth, depth_conf = self.depth_head(aggregated, patch_start_idx, H, W)
-        world_points, world_points_conf = self.point_head(aggregated, patch_start_idx, H, W)
-        return {"pose_enc": pose_enc_list[-1], "pose_enc_list": pose_enc_list, "depth": depth,
-                "depth_conf": depth_conf, "world_points": world_points, "world_points_conf": world_points_conf}
+        out = {"pose_enc": pose_enc_list[-1], "pose_enc_list": pose_enc_list, "depth": depth, "depth_conf": depth_conf}
+        if point_maps:
+            out["world_points"], out["world_points_conf"] = self.point_head(aggregated, patch_start_idx, H, W)
+        return out
 
 
 def freeze(model):
@@ -574,7 +577,7 @@ def teacher_geometry(model, video, cameras=None, intrinsics=None, alignment_conf
     frames = video.flatten(0, 1)
     if size != (H, W):
         frames = F.interpolate(frames, size=size, mode="bilinear", align_corners=False, antialias=True)
-    out = model(frames.unflatten(0, (B, Fr)))
+    out = model(frames.unflatten(0, (B, Fr)), point_maps=False)
     # The encoding holds fields of view, not focal lengths: decoding it at H x W directly gives
     # the intrinsics of the (stretched) input frames.
     low, high = (math.radians(d) for d in FOV_RANGE_DEG)

@@ -221,6 +221,16 @@ def test_outputs_have_the_official_shapes():
     assert out["world_points"].shape == (2, 3, 16, 20, 3) and out["world_points_conf"].shape == (2, 3, 16, 20)
 
 
+def test_without_point_maps_the_other_outputs_are_unchanged():
+    model = VGGT(TINY).eval()
+    images = torch.rand(2, 3, 3, 16, 20)
+    with torch.no_grad():
+        full, lean = model(images), model(images, point_maps=False)
+    assert "world_points" not in lean and "world_points_conf" not in lean
+    for key in ("pose_enc", "depth", "depth_conf"):
+        assert torch.equal(full[key], lean[key])
+
+
 def test_unbatched_frames_give_the_batched_result():
     model = VGGT(TINY).eval()
     frames = torch.rand(3, 3, 16, 16)
