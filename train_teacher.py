@@ -229,23 +229,24 @@ def eval_table(model, clips, student=None):
     return "\n".join(lines)
 
 
-def frame_pulls(model, clips, frames, frame0, ratio=0.5, batch_size=16):
+def frame_pulls(model, clips, frames, frame0, gradient_sigma=None, ratio=0.5, batch_size=16):
     """How hard each distillation term pulls on each frame: the mean over clips of the norm of the gradient that
     L_traj and L_geo's depth and smoothness terms send to each frame the teacher reads, computed as train.py's
     defaults compute them (teacher-consistent target, keyframes at `ratio`, aligned cameras, the gradient
-    low-passed by distill.TEACHER_GRADIENT_SIGMA). frames(video, batch, start) gives what the teacher reads in
-    place of the real clip (degraded_frames, student_predictions); frame0 "reference" gives it the real frame 0
-    instead (distill.TEACHER_FRAME0). -> {term: (F,) tensor}."""
+    low-passed by gradient_sigma pixels, None: distill.TEACHER_GRADIENT_SIGMA). frames(video, batch, start)
+    gives what the teacher reads in place of the real clip (degraded_frames, student_predictions); frame0
+    "reference" gives it the real frame 0 instead (distill.TEACHER_FRAME0). -> {term: (F,) tensor}."""
     import camgeo
     import distill
     model = freeze(model)
+    sigma = distill.TEACHER_GRADIENT_SIGMA if gradient_sigma is None else gradient_sigma
     sums, count = {}, 0
     for start in range(0, clips["video"].shape[0], batch_size):
         batch = {k: v[start:start + batch_size] for k, v in clips.items()}
         video = batch["video"].float() / 255
         B, Fr = video.shape[:2]
         read = frames(video, batch, start).requires_grad_(True)
-        seen_frames = distill.teacher_frames(read, reference=video[:, 0] if frame0 == "reference" else None)
+        seen_frames = distill.teacher_frames(read, sigma, reference=video[:, 0] if frame0 == "reference" else None)
         seen = teacher_geometry(model, seen_frames, "aligned", intrinsics=batch["K"])
         with torch.no_grad():
             real = teacher_geometry(model, video, "aligned", intrinsics=batch["K"])
@@ -263,7 +264,7 @@ def frame_pulls(model, clips, frames, frame0, ratio=0.5, batch_size=16):
     return {name: total / count for name, total in sums.items()}
 
 
-def pull_table(model, clips, student=None):
+def pull_table(model, clips, student=None, gradient_sigma=None):
     """Markdown: frame_pulls on degraded clips (and a student's x0_hat at STUDENT_TIMES), the teacher's frame 0
     read from the frames themselves and from the reference."""
     num_frames = clips["video"].shape[1]
@@ -274,7 +275,7 @@ def pull_table(model, clips, student=None):
         conditions.update({f"student x0_hat, t = {t}": student_predictions(student, t) for t in STUDENT_TIMES})
     for condition, frames in conditions.items():
         for frame0 in ("predicted", "reference"):
-            for term, per_frame in frame_pulls(model, clips, frames, frame0).items():
+            for term, per_frame in frame_pulls(model, clips, frames, frame0, gradient_sigma).items():
                 lines.append(f"| {condition} | {frame0} | {term} | "
                              + " | ".join(f"{v:.4f}" for v in per_frame.tolist()) + " |")
     return "\n".join(lines)
@@ -286,6 +287,8 @@ def main():
     parser.add_argument("--eval", metavar="CHECKPOINT", help="evaluate a teacher checkpoint on the test split")
     parser.add_argument("--pull", metavar="CHECKPOINT",
                         help="per-frame gradient norm of each distillation term through this teacher (pull_table)")
+    parser.add_argument("--gradient-sigma", type=float,
+                        help="--pull: the low-pass of the teacher's gradient, in pixels (default: train.py's)")
     parser.add_argument("--student", metavar="CKPT",
                         help="--eval, --pull: also on this student's predictions x0_hat at t = 0.2 and 0.4 (what the teacher "
                              "reads in training)")
@@ -310,7 +313,7 @@ def main():
     elif args.pull:
         model = load_vggt(args.pull)
         clips = render_split("test", args.eval_clips, args.frames, model.config.img_size)
-        print(pull_table(model, clips, args.student))
+        print(pull_table(model, clips, args.student, args.gradient_sigma))
     else:
         started = time.time()
         train_small_teacher(args)

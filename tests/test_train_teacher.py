@@ -50,3 +50,13 @@ def test_pull_table_shows_no_pull_on_frame_0_when_the_teacher_reads_the_referenc
         pulls = [float(v) for v in row[3:]]
         assert len(pulls) == 4 and all(v >= 0 for v in pulls) and sum(pulls[1:]) > 0
         assert (pulls[0] == 0) == (row[1] == "reference")
+
+
+def test_pull_is_measured_at_the_low_pass_asked_for():
+    torch.manual_seed(0)
+    model = teacher.VGGT(teacher.SMALL_TEACHER)
+    clips = train_teacher.render_split("test", 2, 4, teacher.SMALL_TEACHER.img_size)
+    pulls = {sigma: train_teacher.frame_pulls(model, clips, train_teacher.degraded_frames, "predicted", sigma)
+             for sigma in (0.0, 3.0)}
+    # a Gaussian low-pass removes energy from the gradient, so every frame's pull is smaller with it
+    assert (pulls[3.0]["L_traj"][1:] < pulls[0.0]["L_traj"][1:]).all()
