@@ -222,26 +222,28 @@ def bench_teacher(teacher_model, device, batch_size, config, repeats):
 
 def bench_steps(teacher_model, device, batch_size, config, repeats, use_compile):
     """A full optimisation step (losses, backward, clip, AdamW) of each method on the same batches: Sparse, a
-    CamGeo step that runs the teacher, one between two of those, and their mean over --teacher-every steps
-    (what a CamGeo run costs per step once the warm-up is over). -> that mean / the Sparse step."""
+    CamGeo step that runs the teacher, one the teacher skips (--teacher-every N > 1 runs N - 1 of those between two
+    teacher steps), and their mean over train.py's default cadence (what a CamGeo run costs per step once the
+    warm-up is over). -> that mean / the Sparse step."""
     train = train_module()
     import data
     clips = train.collate([data.render_clip(seed, config.num_frames, config.image_size, config.image_size)
                            for seed in range(batch_size)])
     geometry_pairs = train.make_geometry_pairs(use_compile)
     steps = {}
-    every = distill.TEACHER_EVERY  # train.py's default cadence, which the parsed args below carry
-    # about step 60 of 100 (alpha ~ 1, beta ~ 0.97: both distillation losses are computed), on the teacher's cadence
-    teacher_at = 60 - 60 % every
-    for method in ("sparse", "camgeo"):
+    every = distill.TEACHER_EVERY  # train.py's default cadence
+    # about step 60 of 100 (alpha ~ 1, beta ~ 0.97: both distillation losses are computed), on any cadence up to 6;
+    # "between" is step 61 at --teacher-every 2: a CamGeo step the teacher skips, what a cadence N > 1 saves
+    for name, method, at_step, cadence in (("sparse", "sparse", 60, every), ("camgeo", "camgeo", 60, every),
+                                           ("camgeo_between", "camgeo", 61, 2)):
         args = train.parse_args(["--method", method, "--preset", "cpu", "--steps", "100", "--batch-size",
-                                 str(batch_size)])
+                                 str(batch_size), "--teacher-every", str(cadence)])
         torch.manual_seed(0)
         model = camgeo.CamGeo(config).to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         generator = torch.Generator().manual_seed(0)
 
-        def step(at_step, args=args, model=model, optimizer=optimizer, generator=generator):
+        def step(args=args, model=model, optimizer=optimizer, generator=generator, at_step=at_step):
             loss, _ = train.step_losses(args, model, teacher_model, geometry_pairs, clips, at_step, generator,
                                         config, device)
             optimizer.zero_grad(set_to_none=True)
@@ -249,13 +251,9 @@ def bench_steps(teacher_model, device, batch_size, config, repeats, use_compile)
             torch.nn.utils.clip_grad_norm_(model.parameters(), train.GRAD_CLIP)
             optimizer.step()
 
-        timed = {method: teacher_at}
-        if method == "camgeo":
-            timed["camgeo_between"] = teacher_at + 1  # runs no teacher (for --teacher-every > 1)
-        for name, at_step in timed.items():
-            for _ in range(2):  # the first CamGeo steps compile L_geo (or load it from the cache): not timed
-                step(at_step)
-            steps[name] = functools.partial(step, at_step)
+        for _ in range(2):  # the first CamGeo steps compile L_geo (or load it from the cache): not timed
+            step()
+        steps[name] = step
     sparse, teacher_step, between = paired_median_times(steps["sparse"], steps["camgeo"], steps["camgeo_between"],
                                                          device=device, repeats=repeats)
     mean = (teacher_step + (every - 1) * between) / every
@@ -263,7 +261,7 @@ def bench_steps(teacher_model, device, batch_size, config, repeats, use_compile)
           f"{math.ceil(distill.TEACHER_BATCH_FRACTION * batch_size)} of the {batch_size} clips (gated by noise level), "
           f"on one step in {every}")
     print("| Sparse step | CamGeo step with the teacher (aligned cameras, teacher-consistent target) | CamGeo step "
-          f"between | CamGeo, mean over {every} steps | teacher step / Sparse | mean / Sparse (target <= 1.5) |")
+          f"without | CamGeo, mean over {every} step(s) | teacher step / Sparse | mean / Sparse (target <= 1.5) |")
     print("|---|---|---|---|---|---|")
     print(f"| {sparse * 1e3:.0f} ms | {teacher_step * 1e3:.0f} ms | {between * 1e3:.0f} ms | {mean * 1e3:.0f} ms | "
           f"{teacher_step / sparse:.2f}x | {mean / sparse:.2f}x |")

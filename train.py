@@ -11,10 +11,10 @@
     python train.py --no-warmup                       #   w/o warm-up,
     python train.py --schedule linear                 #   linear instead of sigmoid schedules
     python train.py --distill-target truth            # the paper's printed target: the true keyframe poses
-    python train.py --traj-weight 1 --geo-weight 1    # the paper's loss weights (the defaults are 0.1)
+    python train.py --traj-weight 1 --geo-weight 1    # the paper's loss weights (the defaults are 0.05)
     python train.py --teacher-gradient-sigma 0        # the teacher's gradient to the student unfiltered
     python train.py --teacher-cameras head            # the teacher's camera head instead of its aligned cameras
-    python train.py --teacher-every 1                 # the teacher on every step (default: every 3rd, weighted x3)
+    python train.py --teacher-every 3                 # the teacher on every 3rd step, weighted x3 (default: every step)
     python train.py --traj-frames all                 # L_traj at every frame, not only the keyframes
     python train.py --preset smoke --steps 20         # seconds, for tests
     python train.py --preset gpu --device cuda        # the larger model on one GPU

@@ -187,10 +187,13 @@ def test_every_study_run_is_a_valid_train_py_command(name, tmp_path):
     assert args.method == "camgeo" and args.out == str(tmp_path)
     # its baseline is a row the study can train (CamGeo or another ablation), so the pair can be read
     assert evaluate.ABLATIONS[name].baseline in ["CamGeo"] + [a.label for a in evaluate.ABLATIONS.values()]
-    if "weights 0.25" in evaluate.ABLATIONS[name].label:  # the label says what the flags train
-        assert args.traj_weight == args.geo_weight == 0.25
-        assert args.teacher_every == (1 if "every step" in evaluate.ABLATIONS[name].label
-                                      else distill.TEACHER_EVERY)
+    label = evaluate.ABLATIONS[name].label  # it names how the flags differ from the defaults, and they do
+    weights = ([0.25] if "weights 0.25" in label else [0.1] if "weights 0.1" in label
+               else [1.0] if "the paper's weights" in label else [distill.TRAJ_WEIGHT])
+    assert [args.traj_weight, args.geo_weight] == weights * 2
+    assert args.teacher_every == (3 if "every third step" in label else distill.TEACHER_EVERY)
+    assert args.teacher_gradient_sigma == (1.5 if "low-pass 1.5 px" in label else 0 if "w/o gradient low-pass" in label
+                                           else distill.TEACHER_GRADIENT_SIGMA)
 
 
 def test_study_trains_the_named_ablations_only_at_the_first_ratio():
@@ -198,8 +201,7 @@ def test_study_trains_the_named_ablations_only_at_the_first_ratio():
     assert [r.name for r in runs] == ["sparse_0.5_0", "camgeo_0.5_0", "sparse_0.25_0", "camgeo_0.25_0",
                                       "camgeo_unfiltered_0.5_0", "sparse_0.5_1", "camgeo_0.5_1", "sparse_0.25_1",
                                       "camgeo_0.25_1", "camgeo_unfiltered_0.5_1"]
-    assert runs[4].flags == ("--traj-weight", "0.25", "--geo-weight", "0.25", "--teacher-every", "1",
-                             "--teacher-gradient-sigma", "0")
+    assert runs[4].flags == ("--teacher-gradient-sigma", "0", "--traj-weight", "0.25", "--geo-weight", "0.25")
 
 
 def test_named_ablations_train_without_the_methods_they_are_read_against(tmp_path):
@@ -258,14 +260,16 @@ def test_check_against_a_baseline_pairs_the_same_clips_and_noise(smoke_study, tm
 
 def test_study_differences_read_each_ablation_against_its_baseline_on_the_same_clips(tmp_path):
     ablations = evaluate.ABLATIONS
-    label, every_step, quarter = (ablations[name].label for name in ("camgeo_every1_nowarmup", "camgeo_every1",
-                                                                      "camgeo_w025"))
+    label, every_step, quarter, every_third = (ablations[name].label for name in (
+        "camgeo_every1_nowarmup", "camgeo_every1", "camgeo_w025", "camgeo_every3"))
     # each is read against the ablation that differs from it by one choice, down to the defaults
     assert ablations["camgeo_nowarmup"].baseline == "CamGeo"
     assert ablations["camgeo_every1_nowarmup"].baseline == every_step
     assert ablations["camgeo_every1"].baseline == quarter
-    assert ablations["camgeo_w025"].baseline == "CamGeo"
+    assert ablations["camgeo_w025"].baseline == every_third
+    assert ablations["camgeo_every3"].baseline == "CamGeo"
     rows = [("Sparse", "1/2", 0, c, 1.0) for c in range(10)] + [("CamGeo", "1/2", 0, c, 0.2 * c) for c in range(10)]
+    rows += [(every_third, "1/2", 0, c, 0.22 * c) for c in range(10)]
     rows += [(quarter, "1/2", 0, c, 0.25 * c) for c in range(10)]
     rows += [(every_step, "1/2", 0, c, 0.3 * c) for c in range(10)]
     rows += [(label, "1/2", 0, c, 0.3 * c + 0.05) for c in range(10)]  # 0.05 worse than its baseline on every clip
@@ -273,8 +277,10 @@ def test_study_differences_read_each_ablation_against_its_baseline_on_the_same_c
     lines = evaluate.study_differences(report.read_per_clip([tmp_path / "part.csv"]))
     header = next(i for i, line in enumerate(lines) if line.startswith(f"| {label} − {every_step} |"))
     assert lines[header + 2].split(" | ")[3].startswith("+0.050 [+0.050, +0.050]")
-    # CamGeo, the weight-0.25 form and its every-step form − Sparse; then each ablation − its baseline
-    assert sum(line.startswith("| ") and "−" in line for line in lines) == 6
+    # CamGeo, the every-third-step form, the weight-0.25 form and its every-step form − Sparse; then each ablation
+    # present − its baseline (every third step − CamGeo, weights 0.25 − every third, every step − weights 0.25,
+    # w/o warm-up − every step)
+    assert sum(line.startswith("| ") and "−" in line for line in lines) == 8
 
 
 def test_combine_writes_one_table_from_several_parts(tmp_path):
