@@ -17,7 +17,6 @@ Peak memory is the largest rise of allocated tensor memory during one call: on C
 record of every allocation and free (torch.profiler, profile_memory=True), on CUDA torch.cuda.max_memory_allocated.
 """
 import argparse
-import functools
 import json
 import math
 import os

@@ -165,7 +165,8 @@ class Ablation(NamedTuple):
 # low-pass, the weights) are measured again.
 EVERY_THIRD = ["--teacher-gradient-sigma", "1.5", "--traj-weight", "0.1", "--geo-weight", "0.1", "--teacher-every", "3"]
 EVERY_THIRD_LABEL = "CamGeo, low-pass 1.5 px, weights 0.1, teacher every third step"
-QUARTER_WEIGHTS = ["--teacher-gradient-sigma", "1.5", "--traj-weight", "0.25", "--geo-weight", "0.25"]
+WEIGHTS_025 = ["--traj-weight", "0.25", "--geo-weight", "0.25"]
+QUARTER_WEIGHTS = ["--teacher-gradient-sigma", "1.5"] + WEIGHTS_025
 QUARTER_EVERY_THIRD = QUARTER_WEIGHTS + ["--teacher-every", "3"]
 QUARTER_EVERY_THIRD_LABEL = "CamGeo, low-pass 1.5 px, weights 0.25, teacher every third step"
 QUARTER_LABEL = "CamGeo, low-pass 1.5 px, weights 0.25"
@@ -187,7 +188,7 @@ ABLATIONS = {
     **{f"camgeo_every1_{name}": Ablation(QUARTER_WEIGHTS + flags, f"{QUARTER_LABEL}, {what}", QUARTER_LABEL)
        for name, (flags, what) in PAPER_ABLATIONS.items()},
     # this implementation's departures from the printed form (distill.py), one at a time and both
-    "camgeo_unfiltered": Ablation(["--teacher-gradient-sigma", "0", "--traj-weight", "0.25", "--geo-weight", "0.25"],
+    "camgeo_unfiltered": Ablation(["--teacher-gradient-sigma", "0"] + WEIGHTS_025,
                                   "CamGeo, weights 0.25, w/o gradient low-pass", QUARTER_LABEL),
     "camgeo_unitweights": Ablation(["--teacher-gradient-sigma", "1.5"] + UNIT_WEIGHTS,
                                    "CamGeo, low-pass 1.5 px, the paper's weights (1)", QUARTER_LABEL),
