@@ -64,6 +64,10 @@ PRESETS = {
 # mid t, where predicting the velocity is hardest, and few at the ends, where it is nearly trivial.
 LOGIT_NORMAL_MEAN = 0.0
 LOGIT_NORMAL_STD = 1.0
+UNIFORM_TIME_FRACTION = 0.0
+# Weight of the depth head's L1 error (inverse depth in the poses' unit, typically 0.1-2) beside the clean-video
+# loss (a mean square error near 0.02 in [-1, 1] units once trained): large enough that depth is learnt early.
+DEPTH_LOSS_WEIGHT = 0.1
 # The network outputs the clean video x0_hat and the velocity is derived from it, v_hat = (x_t - x0_hat) / t
 # ("x-prediction", as in Li & He's JiT): in pixel space a 4x4x3 patch of pure noise is hard to pass through the
 # transformer, a clean patch is not. The loss is on the clean video, |x0_hat - x0|^2, which is the velocity
@@ -72,7 +76,10 @@ LOGIT_NORMAL_STD = 1.0
 # The given poses are divided by their largest keyframe translation norm; this floor keeps a camera that barely
 # moves (pure rotation, hand-shake only) from having its jitter blown up to unit length.
 TRANSLATION_SCALE_FLOOR = 1e-3
-TIMESTEP_FREQUENCY_SCALE = 1000.0  # t in [0, 1] is scaled like DiT's integer steps before the sinusoid
+TIMESTEP_FREQUENCY_SCALE = 1000.0
+# CopyHead's starting logit for the rotation-only warp (every other choice starts at 0): softmax weight 0.69
+# among the NUM_PLANES + 2 choices, so a new model starts near that warp yet every choice gets gradient.
+COPY_START_LOGIT = 3.0  # t in [0, 1] is scaled like DiT's integer steps before the sinusoid
 
 # -----------------------------------------------------------------------------
 # conditioning inputs: keyframes, cameras, prompts
@@ -130,37 +137,66 @@ def keyframe_relative_c2w(w2c, keyframe_mask):
     """w2c (B, F, 3|4, 4) -> c2w (B, F, 4, 4) relative to frame 0 (c2w_0 = I), translations divided by the
     largest camera-centre norm among the keyframes (keyframe_mask (B, F)), floored at TRANSLATION_SCALE_FLOOR:
     the normalisation of the poses the student is given (only given poses may set the scale)."""
+    return geometry.scaled_relative_c2w(w2c, translation_scale(w2c, keyframe_mask))
+
+
+def translation_scale(w2c, keyframe_mask):
+    """(B,) the unit of the student's poses: the largest camera-centre distance from frame 0 among the given poses
+    (keyframe_mask (B, F)), floored at TRANSLATION_SCALE_FLOOR, in the units of w2c."""
     centres = geometry.relative_to_first(geometry.invert_pose(geometry.to_homogeneous(w2c)))[..., :3, 3]
-    scale = (centres.norm(dim=-1) * keyframe_mask).amax(dim=-1).clamp_min(TRANSLATION_SCALE_FLOOR)  # (B,)
-    return geometry.scaled_relative_c2w(w2c, scale)
+    return (centres.norm(dim=-1) * keyframe_mask).amax(dim=-1).clamp_min(TRANSLATION_SCALE_FLOOR)
 
 
+def reference_inverse_depth(depth, w2c, keyframe_mask):
+    """The depth head's target: the reference's true depth (B, H, W) as inverse depth in the poses' unit
+    (translation_scale), the unit the plane sweep's inverse depths are in. -> (B, H, W)."""
+    return translation_scale(w2c, keyframe_mask)[:, None, None] / depth.clamp_min(1e-3)
+
+
+# The plane sweep: the reference is resampled along each frame's rays as if the scene were a sphere around the
+# frame's camera at each of these inverse distances, in units of the clip's largest given translation (the poses'
+# normalisation, so a clip's scale never matters). 0 is the plane at infinity (rotation only, no depth needed).
+# In that unit the synthetic world's reference pixels have inverse depth 0.22 at the median and 1.06 at the 99th
+# percentile, so the planes span [0, 1], closer together near 0 where most pixels are: with the true depth
+# picking the nearest plane per pixel they come within 3 dB of the reprojection through true depth on co-visible
+# pixels, where 8 planes evenly spaced to 4 lose 8 dB (RESULTS.md).
+PLANE_INVERSE_DEPTHS = (0.0, 0.08, 0.16, 0.25, 0.35, 0.5, 0.7, 1.0)
+NUM_PLANES = len(PLANE_INVERSE_DEPTHS)
 # Channels of the camera input (camera_conditioning): Plücker [o x d, d] (0-5), where each ray meets the
-# reference image (reference_grid, grid_sample coordinates), and the keyframe mask.
-GRID_CHANNELS = slice(6, 8)
-MASK_CHANNELS = slice(8, 9)
+# reference image on each plane of the sweep (reference_grids, grid_sample coordinates, plane by plane), the
+# inverse depth at which the reference sees each plane's point there, and the keyframe mask.
+GRID_CHANNELS = slice(6, 6 + 2 * NUM_PLANES)
+PLANE_DEPTH_CHANNELS = slice(GRID_CHANNELS.stop, GRID_CHANNELS.stop + NUM_PLANES)
+MASK_CHANNELS = slice(PLANE_DEPTH_CHANNELS.stop, PLANE_DEPTH_CHANNELS.stop + 1)
 CAMERA_CHANNELS = MASK_CHANNELS.stop
 
 
-def reference_grid(directions, K_reference):
-    """Where each pixel's ray meets the reference image if the scene were infinitely far away.
+def reference_grids(origins, directions, K_reference):
+    """Where each pixel's ray meets the reference image, for each plane of the sweep.
 
-    directions (B, F, 3, H, W): the Plücker ray directions, in frame 0's camera coordinates; K_reference (B, 4)
-    [fx, fy, cx, cy] of frame 0. Returns (B, F, 2, H, W) in grid_sample's [-1, 1] coordinates
-    (align_corners=False). At infinity only the rotation moves pixels (a homography K R K^-1), so no depth is
-    needed. Coordinates are clamped to [-2, 2] and rays that point behind the reference camera get -2: both fall
-    outside the image (reference_guess repeats the edge pixel there), and the clamp keeps rays grazing the image
-    plane from blowing up.
+    origins (B, F, 3) camera centres and directions (B, F, 3, H, W) unit ray directions, both in frame 0's camera
+    coordinates with translations normalised (camera_conditioning); K_reference (B, 4) [fx, fy, cx, cy] of frame 0.
+    The point at inverse distance rho along a ray is o + d / rho, so it projects like d + rho o: at rho = 0 only the
+    rotation moves pixels (a homography K R K^-1). Returns (grids (B, F, NUM_PLANES, 2, H, W) in grid_sample's
+    [-1, 1] coordinates (align_corners=False), inverse depths (B, F, NUM_PLANES, H, W) of those points seen from the
+    reference, rho / z with z the reference's depth of d + rho o; 0 at infinity and behind the reference camera).
+    Coordinates are clamped to [-2, 2] and points behind the reference camera get -2: both fall outside the image
+    (reference_candidates repeats the edge pixel there), and the clamp keeps rays grazing the image plane from
+    blowing up.
     """
     H, W = directions.shape[-2:]
-    fx, fy, cx, cy = (k[:, None, None, None] for k in K_reference.unbind(-1))  # each (B, 1, 1, 1)
-    x, y, z = directions.unbind(dim=2)  # each (B, F, H, W)
+    rho = torch.tensor(PLANE_INVERSE_DEPTHS, dtype=directions.dtype, device=directions.device)
+    points = directions[:, :, None] + rho[:, None, None, None] * origins[:, :, None, :, None, None]  # (B,F,D,3,H,W)
+    fx, fy, cx, cy = (k[:, None, None, None, None] for k in K_reference.unbind(-1))  # each (B, 1, 1, 1, 1)
+    x, y, z = points.unbind(dim=3)  # each (B, F, D, H, W)
     in_front = z > 1e-3
     z = torch.where(in_front, z, torch.ones_like(z))
     u = (fx * x / z + cx) / W * 2 - 1
     v = (fy * y / z + cy) / H * 2 - 1
-    grid = torch.stack([u, v], dim=2).clamp(-2.0, 2.0)
-    return torch.where(in_front[:, :, None], grid, torch.full_like(grid, -2.0))
+    grid = torch.stack([u, v], dim=3).clamp(-2.0, 2.0)
+    # clamped like the grid: rays grazing the reference's image plane would give unbounded values
+    inverse_depth = torch.where(in_front, (rho[:, None, None] / z).clamp(max=4.0), torch.zeros_like(z))
+    return torch.where(in_front[:, :, :, None], grid, torch.full_like(grid, -2.0)), inverse_depth
 
 
 def camera_conditioning(w2c, K, keyframe_mask, height, width):
@@ -171,9 +207,10 @@ def camera_conditioning(w2c, K, keyframe_mask, height, width):
     Poses are made relative to frame 0 (c2w_0 = I) and translations are divided by the largest translation
     norm among the *given* poses, so only known poses set the scale (with full poses this is exactly
     geometry.normalize_translation). The mask channel makes "no pose given" differ from "identity pose".
-    Two more channels say where each ray meets the reference image at infinity (reference_grid); the model
-    resamples the reference there (CamGeo.forward).
-    Returns (B, F, CAMERA_CHANNELS, H, W): channels [o x d, d, reference grid] * mask, mask.
+    Between them, 3 * NUM_PLANES channels say where each ray meets the reference image on each plane of the sweep
+    and at which inverse depth the reference sees that point (reference_grids); the model resamples the reference
+    there (reference_candidates) and compares with its own reading of the reference's depth (CamGeo.forward).
+    Returns (B, F, CAMERA_CHANNELS, H, W): channels [o x d, d, plane grids, plane inverse depths] * mask, mask.
     """
     mask = keyframe_mask.to(w2c.dtype)
     if not torch.all(mask[:, 0] == 1):
@@ -184,30 +221,35 @@ def camera_conditioning(w2c, K, keyframe_mask, height, width):
     w2c = torch.where(mask[..., None, None] > 0, w2c, eye)
     c2w = keyframe_relative_c2w(w2c, mask)
     plucker = geometry.plucker_embedding(K, c2w, height, width)  # (B, F, 6, H, W)
-    grid = reference_grid(plucker[:, :, 3:], K[:, 0])  # ray directions d -> (B, F, 2, H, W)
+    grids, plane_depths = reference_grids(c2w[..., :3, 3], plucker[:, :, 3:], K[:, 0])  # (B,F,D,2|1..,H,W)
     mask_map = mask[..., None, None, None].expand(-1, -1, 1, height, width)  # (B, F, 1, H, W)
-    return torch.cat([plucker * mask_map, grid * mask_map, mask_map], dim=2)
+    return torch.cat([plucker * mask_map, grids.flatten(2, 3) * mask_map, plane_depths * mask_map, mask_map], dim=2)
+
+
+def reference_candidates(reference, camera, camera_drop=None):
+    """The reference moved along each frame's rays, one video per plane of the sweep: what the student copies from.
+
+    reference (B, 3, H, W); camera (B, F, CAMERA_CHANNELS, H, W) from camera_conditioning; camera_drop (B,) bool
+    (guidance's unconditional branch) or None. Returns (B, F, NUM_PLANES, 3, H, W): the reference sampled at
+    reference_grids where the pose is given (and the camera not dropped), the reference itself elsewhere (a frame
+    without a pose is guessed still). Border padding: where a ray leaves the reference, its nearest edge pixel is
+    repeated (a wall usually goes on); the grid channels still tell the network which pixels those are.
+    """
+    B, num_frames, _, H, W = camera.shape
+    mask = camera[:, :, MASK_CHANNELS, None]  # (B, F, 1, 1, H, W), 1 where the pose is given
+    if camera_drop is not None:
+        mask = mask * ~camera_drop[:, None, None, None, None, None]
+    grids = camera[:, :, GRID_CHANNELS].reshape(B * num_frames * NUM_PLANES, 2, H, W).permute(0, 2, 3, 1)
+    references = reference[:, None, None].expand(-1, num_frames, NUM_PLANES, -1, -1, -1)  # (B, F, D, 3, H, W)
+    resampled = F.grid_sample(references.reshape(-1, 3, H, W), grids, mode="bilinear", padding_mode="border",
+                              align_corners=False).view(B, num_frames, NUM_PLANES, 3, H, W)
+    return resampled * mask + references * (1 - mask)
 
 
 def reference_guess(reference, camera, camera_drop=None):
-    """The video a new model predicts, and the input it reads for it: the reference moved along each frame's rays.
-
-    reference (B, 3, H, W); camera (B, F, CAMERA_CHANNELS, H, W) from camera_conditioning; camera_drop (B,) bool
-    (guidance's unconditional branch) or None. Returns (resampled, guess), both (B, F, 3, H, W): resampled is the
-    reference sampled at reference_grid where the pose is given (and the camera not dropped), zeros elsewhere;
-    guess is resampled there and the reference itself elsewhere. Border padding: where a ray leaves the reference,
-    its nearest edge pixel is repeated (a wall usually goes on); the grid channels still tell the network which
-    pixels those are.
-    """
-    B, num_frames, _, H, W = camera.shape
-    mask = camera[:, :, MASK_CHANNELS]  # (B, F, 1, H, W), 1 where the pose is given
-    if camera_drop is not None:
-        mask = mask * ~camera_drop[:, None, None, None, None]
-    references = reference[:, None].expand(-1, num_frames, -1, -1, -1)
-    grid = camera[:, :, GRID_CHANNELS].flatten(0, 1).permute(0, 2, 3, 1)  # (B*F, H, W, 2)
-    resampled = F.grid_sample(references.flatten(0, 1), grid, mode="bilinear", padding_mode="border",
-                              align_corners=False).view(B, num_frames, 3, H, W) * mask
-    return resampled, resampled + references * (1 - mask)
+    """The rotation-only warp: the reference resampled on the plane at infinity where the pose is given, the
+    reference itself elsewhere. (B, F, 3, H, W); the arguments are reference_candidates'."""
+    return reference_candidates(reference, camera, camera_drop)[:, :, 0]
 
 
 def keyframe_camera(w2c, K, keyframe_mask, method, height, width):
@@ -404,25 +446,77 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
-class PixelHead(nn.Module):
-    """The denoiser's output at full resolution: three 3x3 convolutions over the transformer's per-pixel features,
-    the noisy frame x_t, the guess and the time t, giving the change to the guess.
+class DepthHead(nn.Module):
+    """The reference's inverse depth, in the unit of the poses (translation_scale), from the transformer's
+    per-pixel features of frame 0 and the reference image: two 3x3 convolutions and a softplus (inverse depth is
+    never negative). Trained against the true depth where the data has it (training_losses); at sampling it is the
+    student's own reading of the image and poses, never the teacher's or a true depth."""
 
-    Why not a linear layer per patch, as in DiT: each 4x4 patch would be painted on its own, and at this model
-    size the samples show the patch grid. The convolutions reach across patch borders and see x_t and the guess
-    pixel by pixel (RESULTS.md compares the two).
+    def __init__(self, feature_channels, width):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(feature_channels + 3, width, 3, padding=1), nn.SiLU(),
+                                 nn.Conv2d(width, 1, 3, padding=1))
+
+    def forward(self, features, reference):  # (B, C, H, W), (B, 3, H, W) -> (B, H, W)
+        return F.softplus(self.net(torch.cat([features, reference], dim=1)))[:, 0]
+
+
+def depth_agreement(inverse_depth, camera, camera_drop=None):
+    """How far each plane of the sweep is from the depth the student reads in the reference: for each pixel of
+    each frame and each plane, |inverse depth read at the point where the plane meets the reference image - the
+    plane's own inverse depth seen from the reference|. The plane holding the surface the reference sees there
+    scores 0 (the backward-warping depth test); an occluded surface does not.
+    inverse_depth (B, H, W); camera from camera_conditioning. -> (B, F, NUM_PLANES, H, W), 0 where no pose."""
+    B, num_frames, _, H, W = camera.shape
+    grids = camera[:, :, GRID_CHANNELS].reshape(B * num_frames * NUM_PLANES, 2, H, W).permute(0, 2, 3, 1)
+    depths = inverse_depth[:, None, None, None].expand(-1, num_frames, NUM_PLANES, 1, H, W).reshape(-1, 1, H, W)
+    read = F.grid_sample(depths, grids, mode="bilinear", padding_mode="border", align_corners=False)
+    mask = camera[:, :, MASK_CHANNELS]  # (B, F, 1, H, W)
+    if camera_drop is not None:
+        mask = mask * ~camera_drop[:, None, None, None, None]
+    return (read.view(B, num_frames, NUM_PLANES, H, W) - camera[:, :, PLANE_DEPTH_CHANNELS]).abs() * mask
+
+
+class CopyHead(nn.Module):
+    """The denoiser's output at full resolution: per pixel, a choice among what can be copied, and a colour of its
+    own for what cannot.
+
+    Candidates (all (N, 3, H, W)): the reference on each plane of the sweep (reference_candidates), the noisy frame
+    x_t itself, and a generated colour (the rotation-only warp plus a change). Three 3x3 convolutions over the
+    transformer's per-pixel features, x_t, the candidates, how well each plane matches x_t, and t give one logit per
+    candidate and the change; x0_hat is the softmax-weighted sum of the candidates.
+
+    Why a choice and not a colour: a plane that holds the right depth copies the reference's texture exactly,
+    which a network of this size trained for minutes cannot paint; choosing is a per-pixel decision it can learn.
+    x_t is a candidate because at low noise it is already the answer (a colour head cannot pass it through).
+    How well each plane matches x_t (the mean of |x_t - (1 - t) plane| over a 3x3 window) is the plane-sweep
+    stereo cost: once x_t holds the layout, the right plane is the one it agrees with.
+    The last convolution starts at zero with the warp's logit at COPY_START_LOGIT: a new model copies the
+    rotation-only warp, and learns where another plane, x_t or its own colour does better.
     """
 
     def __init__(self, feature_channels, width):
         super().__init__()
-        in_channels = feature_channels + 3 + 3 + 1  # features, x_t (RGB), guess (RGB), t
+        self.num_choices = NUM_PLANES + 2  # the planes, x_t, the generated colour
+        # features, x_t, planes, how well each matches x_t and the depth read in the reference, t
+        in_channels = feature_channels + 3 + 3 * NUM_PLANES + 2 * NUM_PLANES + 1
         self.net = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.SiLU(),
                                  nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
-                                 nn.Conv2d(width, 3, 3, padding=1))
+                                 nn.Conv2d(width, self.num_choices + 3, 3, padding=1))
 
-    def forward(self, features, x_t, guess, t):  # (N, C, H, W), (N, 3, H, W), (N, 3, H, W), (N,) -> (N, 3, H, W)
-        t_map = t[:, None, None, None].expand(-1, 1, *x_t.shape[-2:]).to(x_t.dtype)
-        return self.net(torch.cat([features, x_t, guess, t_map], dim=1))
+    def forward(self, features, x_t, planes, depth_costs, t):
+        """features (N, C, H, W), x_t (N, 3, H, W), planes (N, NUM_PLANES, 3, H, W), depth_costs (N, NUM_PLANES, H, W)
+        from depth_agreement, t (N,) -> x0_hat (N, 3, H, W)."""
+        N, _, H, W = x_t.shape
+        t_map = t[:, None, None, None].to(x_t.dtype)  # (N, 1, 1, 1)
+        costs = F.avg_pool2d((x_t[:, None] - (1 - t_map[:, None]) * planes).abs().mean(2), 3, stride=1, padding=1,
+                             count_include_pad=False)  # (N, NUM_PLANES, H, W)
+        out = self.net(torch.cat([features, x_t, planes.flatten(1, 2), costs, depth_costs, t_map.expand(-1, 1, H, W)],
+                                 dim=1))
+        weights = out[:, :self.num_choices].softmax(dim=1)  # (N, NUM_PLANES + 2, H, W)
+        generated = planes[:, 0] + out[:, self.num_choices:]
+        candidates = torch.cat([planes, x_t[:, None], generated[:, None]], dim=1)  # (N, NUM_PLANES + 2, 3, H, W)
+        return (weights[:, :, None] * candidates).sum(dim=1)
 
 
 class CamGeo(nn.Module):
@@ -453,8 +547,8 @@ class CamGeo(nn.Module):
         if config.image_size % p:
             raise ValueError(f"image_size {config.image_size} is not a multiple of patch_size {p}")
         self.grid_size = config.image_size // p
-        # RGB of the noisy frame, the reference and the reference resampled along the frame's rays
-        self.frame_embedder = nn.Conv2d(3 * 3, D, kernel_size=p, stride=p)
+        # RGB of the noisy frame, the reference and the reference on each plane of the sweep
+        self.frame_embedder = nn.Conv2d(3 * (2 + NUM_PLANES), D, kernel_size=p, stride=p)
         self.camera_embedder = CameraEmbedder(p, D, config.camera_drop_prob)
         self.t_embedder = TimestepEmbedder(D)
         self.text_embedder = TextEmbedder(config.text_vocab_size, D, config.text_drop_prob)
@@ -462,7 +556,8 @@ class CamGeo(nn.Module):
         self.register_buffer("spatial_pos", sincos_2d(self.grid_size, D), persistent=False)  # (h*w, D)
         self.blocks = nn.ModuleList([Block(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth)])
         self.final_layer = FinalLayer(D, p, config.pixel_features)
-        self.pixel_head = PixelHead(config.pixel_features, config.pixel_head_width)
+        self.depth_head = DepthHead(config.pixel_features, config.pixel_head_width)
+        self.copy_head = CopyHead(config.pixel_features, config.pixel_head_width)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -481,28 +576,31 @@ class CamGeo(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: modulation outputs start at zero, so every gate is 0 and each block starts as the identity
         # (a new block cannot disturb the signal until it has learnt something); the pixel head's last convolution
-        # starts at zero so the first prediction is reference_guess.
+        # starts at zero (with the warp's logit ahead) so the first prediction is near the rotation-only warp.
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.pixel_head.net[-1].weight)
-        nn.init.zeros_(self.pixel_head.net[-1].bias)
+        nn.init.zeros_(self.copy_head.net[-1].weight)
+        nn.init.zeros_(self.copy_head.net[-1].bias)
+        with torch.no_grad():
+            self.copy_head.net[-1].bias[0] = COPY_START_LOGIT
 
-    def forward(self, x_t, t, reference, prompts, camera, force_drop=None, camera_drop=None):
+    def forward(self, x_t, t, reference, prompts, camera, force_drop=None, camera_drop=None, with_depth=False):
         """x_t (B, F, 3, H, W) and reference (B, 3, H, W) in [-1, 1]; t (B,); prompts list of B strings;
         camera (B, F, CAMERA_CHANNELS, H, W) from camera_conditioning; force_drop (B,) bool drops text and camera
         together; camera_drop (B,) bool: which cameras are dropped, if the caller has drawn it (training_losses
         does, so that the distillation knows which clips had no camera), else drawn here.
-        Returns the predicted clean video x0_hat (B, F, 3, H, W) in [-1, 1] units."""
+        Returns the predicted clean video x0_hat (B, F, 3, H, W) in [-1, 1] units, and with with_depth the
+        reference's inverse depth the model read (B, H, W) too."""
         B, num_frames, _, H, W = x_t.shape
         p, D = self.config.patch_size, self.config.width
         if camera_drop is None:
             camera_drop = drop_decisions(B, self.camera_embedder.drop_prob, self.training, force_drop, x_t.device)
         references = reference[:, None].expand(-1, num_frames, -1, -1, -1)  # (B, F, 3, H, W)
-        resampled, guess = reference_guess(reference, camera, camera_drop)
-        frames = torch.cat([x_t, references, resampled], dim=2)  # (B, F, 9, H, W)
+        planes = reference_candidates(reference, camera, camera_drop)  # (B, F, NUM_PLANES, 3, H, W)
+        frames = torch.cat([x_t, references, planes.flatten(2, 3)], dim=2)  # (B, F, 3 * (2 + NUM_PLANES), H, W)
         tokens = self.frame_embedder(frames.flatten(0, 1))  # (B*F, D, h, w)
         tokens = tokens.flatten(2).transpose(1, 2).reshape(B, num_frames, -1, D)  # (B, F, h*w, D)
         tokens = tokens + self.camera_embedder(camera, camera_drop)
@@ -515,8 +613,11 @@ class CamGeo(nn.Module):
         patches = self.final_layer(tokens, c)  # (B, F, h*w, p*p*C)
         h, w = H // p, W // p
         features = patches.view(B * num_frames, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(-1, C, H, W)
-        change = self.pixel_head(features, x_t.flatten(0, 1), guess.flatten(0, 1), t.repeat_interleave(num_frames))
-        return guess + change.view(B, num_frames, 3, H, W)
+        inverse_depth = self.depth_head(features.view(B, num_frames, C, H, W)[:, 0], reference)  # (B, H, W)
+        depth_costs = depth_agreement(inverse_depth, camera, camera_drop)  # (B, F, NUM_PLANES, H, W)
+        x0_hat = self.copy_head(features, x_t.flatten(0, 1), planes.flatten(0, 1), depth_costs.flatten(0, 1),
+                                t.repeat_interleave(num_frames)).view(B, num_frames, 3, H, W)
+        return (x0_hat, inverse_depth) if with_depth else x0_hat
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -526,7 +627,15 @@ class CamGeo(nn.Module):
 # diffusion: rectified flow
 
 
-def training_losses(model, video, prompts, camera, generator=None):
+def sample_time(batch_size, generator=None):
+    """(B,) training times: logit-normal, except a UNIFORM_TIME_FRACTION of them drawn uniformly in (0, 1)."""
+    normal = torch.randn(batch_size, generator=generator)
+    uniform = torch.rand(batch_size, generator=generator)
+    pick_uniform = torch.rand(batch_size, generator=generator) < UNIFORM_TIME_FRACTION
+    return torch.where(pick_uniform, uniform, torch.sigmoid(LOGIT_NORMAL_MEAN + LOGIT_NORMAL_STD * normal))
+
+
+def training_losses(model, video, prompts, camera, generator=None, reference_depth_target=None):
     """Rectified flow (flow matching) on video (B, F, 3, H, W) in [0, 1], frame 0 being the reference image.
 
     x_t = (1 - t) x0 + t eps,  target velocity v = eps - x0,  v_hat = (x_t - x0_hat) / t from the network's
@@ -539,8 +648,7 @@ def training_losses(model, video, prompts, camera, generator=None):
     x0 = video * 2 - 1
     reference = x0[:, 0]
     B = x0.shape[0]
-    normal = torch.randn(B, generator=generator).to(x0.device)
-    t = torch.sigmoid(LOGIT_NORMAL_MEAN + LOGIT_NORMAL_STD * normal)  # (B,) logit-normal
+    t = sample_time(B, generator).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     t_ = t.view(B, 1, 1, 1, 1)
     x_t = (1 - t_) * x0 + t_ * noise
@@ -549,11 +657,14 @@ def training_losses(model, video, prompts, camera, generator=None):
     if model.training and config.joint_drop_prob > 0:
         force_drop = torch.rand(B, generator=generator).to(x0.device) < config.joint_drop_prob
     camera_drop = drop_decisions(B, config.camera_drop_prob, model.training, force_drop, x0.device)
-    x0_pred = model(x_t, t, reference, prompts, camera, force_drop, camera_drop)
+    x0_pred, inverse_depth = model(x_t, t, reference, prompts, camera, force_drop, camera_drop, with_depth=True)
     v_pred = (x_t - x0_pred) / t_
     loss = (x0_pred - x0).pow(2).mean()  # = mean of t^2 |v_pred - (eps - x0)|^2
-    return {"loss": loss, "x0_pred": (x0_pred + 1) / 2, "t": t, "x_t": x_t, "v_pred": v_pred,
-            "camera_drop": camera_drop}
+    loss_depth = loss.new_zeros(())
+    if reference_depth_target is not None:
+        loss_depth = (inverse_depth - reference_depth_target).abs().mean()
+    return {"loss": loss + DEPTH_LOSS_WEIGHT * loss_depth, "loss_flow": loss, "loss_depth": loss_depth,
+            "x0_pred": (x0_pred + 1) / 2, "t": t, "x_t": x_t, "v_pred": v_pred, "camera_drop": camera_drop}
 
 
 @torch.no_grad()

@@ -429,8 +429,12 @@ def step_losses(args, model, teacher_model, geometry_pairs, batch, step, generat
     camera, keyframe_mask, _ = camgeo.camera_inputs(batch["w2c"], batch["K"], args.method, args.sparse,
                                                     args.random_keyframes, generator, config.image_size,
                                                     config.image_size)
-    out = camgeo.training_losses(model, batch["video"], batch["prompt"], camera, generator)
-    terms = {"loss_diff": out["loss"]}
+    depth_target = None
+    if "depth" in batch:  # the depth head learns the reference's depth where the data has it
+        given = camera[:, :, camgeo.MASK_CHANNELS].amax(dim=(2, 3, 4))  # (B, F) the poses the student was given
+        depth_target = camgeo.reference_inverse_depth(batch["depth"][:, 0], batch["w2c"], given)
+    out = camgeo.training_losses(model, batch["video"], batch["prompt"], camera, generator, depth_target)
+    terms = {"loss_diff": out["loss"], "loss_depth": out["loss_depth"]}
     if args.method != "camgeo":
         return out["loss"], terms
     alpha, beta = distill.curriculum_weights(step, args.steps, args.schedule, args.warmup, args.warmup_fraction,

@@ -34,7 +34,7 @@ def inputs(batch=2, mask=None, seed=0):
 def randomise_zero_layers(model, seed=0):
     """adaLN-Zero makes a fresh model ignore its inputs; give the zeroed layers values so outputs depend on them."""
     g = torch.Generator().manual_seed(seed)
-    output_conv = {id(p) for p in model.pixel_head.net[-1].parameters()}  # zero-initialised too
+    output_conv = {id(p) for p in model.copy_head.net[-1].parameters()}  # zero-initialised too
     for name, p in model.named_parameters():
         if "adaLN_modulation" in name or id(p) in output_conv:
             p.data = 0.1 * torch.randn(p.shape, generator=g)
@@ -83,26 +83,85 @@ def test_block_is_not_identity_once_modulation_is_nonzero():
     assert not torch.allclose(model.blocks[0](x, torch.randn(2, CONFIG.width)), x)
 
 
-def test_new_model_predicts_the_reference_resampled_along_the_given_rays():
-    """The pixel head's last convolution starts at zero, so a new model predicts its guess: the reference moved
-    along the given rays at keyframes, the reference elsewhere, and the reference everywhere when the camera is
-    dropped (guidance's unconditional branch)."""
+def start_weights():
+    """A new CopyHead's softmax weights: COPY_START_LOGIT for the rotation-only warp, 0 for every other choice."""
+    logits = torch.zeros(camgeo.NUM_PLANES + 2)
+    logits[0] = camgeo.COPY_START_LOGIT
+    return logits.softmax(0)
+
+
+def test_new_model_predicts_its_starting_mixture_of_the_planes_and_x_t():
+    """The copy head's last convolution starts at zero, so a new model returns the same mixture at every pixel:
+    mostly the reference on the plane at infinity (the rotation-only warp), a little of every other plane and of
+    x_t. Planes are the reference moved along the given rays at keyframes, the reference itself elsewhere and
+    everywhere when the camera is dropped (guidance's unconditional branch)."""
     model = camgeo.CamGeo(CONFIG).eval()
     mask = torch.ones(2, F)
     mask[:, 1] = 0
     video, prompts, camera = inputs(mask=mask)
-    x0_hat = model(torch.randn_like(video), torch.rand(2), video[:, 0], prompts, camera)
+    x_t = torch.randn_like(video)
+    x0_hat = model(x_t, torch.rand(2), video[:, 0], prompts, camera)
+    weights = start_weights()
     for frame in range(F):
-        expected = video[:, 0]
+        planes = [video[:, 0]] * camgeo.NUM_PLANES
         if frame != 1:
-            grid = camera[:, frame, camgeo.GRID_CHANNELS].permute(0, 2, 3, 1)
-            expected = torch.nn.functional.grid_sample(video[:, 0], grid,
-                                                       padding_mode="border", align_corners=False)
+            grids = camera[:, frame, camgeo.GRID_CHANNELS].unflatten(1, (camgeo.NUM_PLANES, 2))
+            planes = [torch.nn.functional.grid_sample(video[:, 0], grids[:, k].permute(0, 2, 3, 1),
+                                                      padding_mode="border", align_corners=False)
+                      for k in range(camgeo.NUM_PLANES)]
+        generated = planes[0]  # the warp plus a change that starts at zero
+        expected = sum(w * c for w, c in zip(weights, [*planes, x_t[:, frame], generated]))
         torch.testing.assert_close(x0_hat[:, frame], expected)
-    assert not torch.allclose(x0_hat[:, 2], video[:, 0], atol=1e-3)  # not vacuous: the random pose moves it
-    dropped = model(torch.randn_like(video), torch.rand(2), video[:, 0], prompts, camera,
-                    force_drop=torch.tensor([True, True]))
-    assert torch.equal(dropped, video[:, :1].expand_as(video))
+    warp = camgeo.reference_guess(video[:, 0], camera)
+    assert not torch.allclose(warp[:, 2], video[:, 0], atol=1e-3)  # not vacuous: the random pose moves it
+    dropped = model(x_t, torch.rand(2), video[:, 0], prompts, camera, force_drop=torch.tensor([True, True]))
+    torch.testing.assert_close(dropped, (1 - weights[-2]) * video[:, :1] + weights[-2] * x_t)
+
+
+def test_plane_sweep_grid_is_where_the_point_at_that_inverse_distance_projects():
+    """Independent of reference_grids' algebra: put the point o + d / rho of each ray in frame 0's camera frame and
+    project it with geometry.project_points."""
+    c2w = torch.eye(4).repeat(1, F, 1, 1)  # a camera sliding right and forward while turning a little
+    c2w[0, :, :3, :3] = torch.stack([torch.tensor(data.yaw_rotation(0.2 * f / F), dtype=torch.float32)
+                                     for f in range(F)])
+    c2w[0, :, :3, 3] = torch.linspace(0, 1, F)[:, None] * torch.tensor([0.3, 0.0, 0.2])
+    w2c = geometry.invert_pose(c2w)
+    K = intrinsics(1, F)
+    camera = camgeo.camera_conditioning(w2c, K, torch.ones(1, F), S, S)
+    c2w = camgeo.keyframe_relative_c2w(w2c, torch.ones(1, F))
+    directions = geometry.plucker_embedding(K, c2w, S, S)[:, :, 3:]  # (1, F, 3, H, W), unit, frame-0 coordinates
+    K_matrix = torch.tensor([[K[0, 0, 0], 0, K[0, 0, 2]], [0, K[0, 0, 1], K[0, 0, 3]], [0, 0, 1]])[None]
+    grids = camera[:, :, camgeo.GRID_CHANNELS].unflatten(2, (camgeo.NUM_PLANES, 2))  # (1, F, D, 2, H, W)
+    frame, checked = F - 1, 0
+    for k, rho in enumerate(camgeo.PLANE_INVERSE_DEPTHS[1:], start=1):
+        points = c2w[0, frame, :3, 3] + directions[0, frame].permute(1, 2, 0) / rho  # (H, W, 3)
+        uv, z = geometry.project_points(points[None], K_matrix)
+        expected = torch.stack([uv[0, ..., 0] / S * 2 - 1, uv[0, ..., 1] / S * 2 - 1], dim=0)
+        usable = (z[0] > 1e-2) & (expected.abs() < 1.9).all(0)  # in front and not clamped
+        torch.testing.assert_close(grids[0, frame, k][:, usable], expected[:, usable], atol=1e-4, rtol=1e-4)
+        checked += int(usable.sum())
+    assert checked > S * S  # not vacuous
+
+
+def test_samples_do_not_change_when_every_translation_is_scaled():
+    """Poses keep their own scale (RealEstate10K's and VGGT's are arbitrary): multiplying every translation of a
+    clip by 10 leaves the student's conditioning, and so its samples, unchanged."""
+    model = camgeo.CamGeo(CONFIG).eval()
+    randomise_zero_layers(model)
+    video, prompts, _ = inputs(batch=1)
+    w2c = random_w2c(1, F, seed=4)
+    scaled = w2c.clone()
+    scaled[..., :3, 3] *= 10
+    mask = torch.ones(1, F)
+    mask[0, 2] = 0
+    cameras = [camgeo.camera_conditioning(poses, intrinsics(1, F), mask, S, S) for poses in (w2c, scaled)]
+    samples = [camgeo.sample(model, video[:, 0], prompts, camera, num_steps=4, cfg_scale=2.0, seed=0)
+               for camera in cameras]
+    torch.testing.assert_close(samples[0], samples[1], atol=1e-4, rtol=0)
+    moved = camgeo.sample(model, video[:, 0], prompts,
+                          camgeo.camera_conditioning(random_w2c(1, F, seed=5), intrinsics(1, F), mask, S, S),
+                          num_steps=4, cfg_scale=2.0, seed=0)
+    assert (moved - samples[0]).abs().max() > 1e-2  # not vacuous: another path does change them
 
 
 def test_missing_pose_differs_from_identity_pose_in_conditioning():
@@ -244,11 +303,11 @@ def test_training_losses_noise_the_video_on_the_straight_path_and_score_the_clea
     out = camgeo.training_losses(model, video, prompts, camera, torch.Generator().manual_seed(0))
     # the same draws, made independently: logit-normal t, then Gaussian noise
     generator = torch.Generator().manual_seed(0)
-    t = torch.sigmoid(torch.randn(2, generator=generator)).view(-1, 1, 1, 1, 1)
+    t = camgeo.sample_time(2, generator).view(-1, 1, 1, 1, 1)
     noise = torch.randn(video.shape, generator=generator)
     x0 = video * 2 - 1
     assert torch.allclose(out["t"], t.flatten()) and torch.allclose(out["x_t"], (1 - t) * x0 + t * noise)
-    assert torch.allclose(out["loss"], (out["x0_pred"] * 2 - 1 - x0).pow(2).mean())
+    assert torch.allclose(out["loss"], (out["x0_pred"] * 2 - 1 - x0).pow(2).mean())  # no depth target: no depth term
     assert out["x0_pred"].requires_grad and out["x0_pred"].shape == video.shape
     out["x0_pred"].sum().backward()  # gradients reach the weights through x0_pred
     assert model.final_layer.linear.weight.grad.abs().sum() > 0
@@ -261,8 +320,9 @@ def test_exact_clean_prediction_gives_zero_loss_and_the_true_velocity():
         config = CONFIG
         training = False
 
-        def forward(self, x_t, t, reference, prompts, camera, force_drop=None, camera_drop=None):
-            return video * 2 - 1
+        def forward(self, x_t, t, reference, prompts, camera, force_drop=None, camera_drop=None, with_depth=False):
+            clean = video * 2 - 1
+            return (clean, torch.zeros(clean.shape[0], S, S)) if with_depth else clean
 
     out = camgeo.training_losses(Oracle(), video, prompts, camera, torch.Generator().manual_seed(1))
     t = out["t"].view(-1, 1, 1, 1, 1)
@@ -324,3 +384,41 @@ def test_overfitting_one_clip_reduces_the_loss():
         loss.backward()
         optimizer.step()
     assert fixed_loss() < 0.6 * before  # a model that learnt nothing stays near 1.0x
+
+
+def test_depth_head_is_trained_toward_the_reference_inverse_depth_it_is_given():
+    model = camgeo.CamGeo(CONFIG).train()
+    video, prompts, camera = inputs()
+    target = torch.full((2, S, S), 0.3)
+    out = camgeo.training_losses(model, video, prompts, camera, torch.Generator().manual_seed(0), target)
+    _, inverse_depth = model(out["x_t"], out["t"], video[:, 0] * 2 - 1, prompts, camera,
+                             camera_drop=out["camera_drop"], with_depth=True)
+    torch.testing.assert_close(out["loss_depth"], (inverse_depth - target).abs().mean())
+    torch.testing.assert_close(out["loss"], out["loss_flow"] + camgeo.DEPTH_LOSS_WEIGHT * out["loss_depth"])
+    out["loss_depth"].backward()
+    assert model.depth_head.net[0].weight.grad.abs().sum() > 0
+
+
+def test_reference_inverse_depth_is_in_the_unit_of_the_given_translations():
+    """Depth 2 m with the largest given camera move 0.5 m: inverse depth 0.25 in the poses' unit, whatever frame
+    beyond the keyframes moved further."""
+    c2w = torch.eye(4).repeat(1, 3, 1, 1)
+    c2w[0, 1, :3, 3] = torch.tensor([0.3, 0.0, 0.4])  # 0.5 m from frame 0
+    c2w[0, 2, :3, 3] = torch.tensor([3.0, 0.0, 0.0])  # not given
+    depth = torch.full((1, 4, 4), 2.0)
+    rho = camgeo.reference_inverse_depth(depth, geometry.invert_pose(c2w), torch.tensor([[1.0, 1.0, 0.0]]))
+    torch.testing.assert_close(rho, torch.full((1, 4, 4), 0.25))
+
+
+def test_depth_agreement_is_zero_on_the_plane_holding_the_surface_the_reference_sees():
+    """A wall facing frame 0 at inverse depth rho (in the poses' unit), a camera slid sideways by one unit: a ray of
+    the moved camera meets the wall at inverse distance rho * cos, and the plane at that inverse distance reads the
+    wall's own inverse depth in the reference. Centre pixel (cos = 1): the plane at rho agrees, the others do not."""
+    c2w = torch.eye(4).repeat(1, 2, 1, 1)
+    c2w[0, 1, 0, 3] = 1.0
+    size, rho = 33, camgeo.PLANE_INVERSE_DEPTHS[3]
+    K = torch.tensor([size / 2, size / 2, size / 2, size / 2]).expand(1, 2, 4)
+    camera = camgeo.camera_conditioning(geometry.invert_pose(c2w), K, torch.ones(1, 2), size, size)
+    costs = camgeo.depth_agreement(torch.full((1, size, size), rho), camera)  # (1, 2, D, H, W)
+    centre = costs[0, 1, :, size // 2, size // 2]
+    assert centre[3] < 1e-5 and (centre[torch.arange(camgeo.NUM_PLANES) != 3] > 0.05).all()
