@@ -200,7 +200,7 @@ def reference_grids(origins, directions, K_reference):
 
 
 def camera_conditioning(w2c, K, keyframe_mask, height, width):
-    """Camera input of the denoiser: Plücker maps at keyframes, zeros elsewhere, plus the mask as a channel.
+    """Camera input of the denoiser: Plücker maps at keyframes, zeros elsewhere, the plane sweep, and the mask.
 
     w2c (B, F, 4, 4) world->camera; K (B, F, 4) [fx, fy, cx, cy] in pixels of the (height, width) frames the
     denoiser sees; keyframe_mask (B, F) with 1 where the pose is given (frame 0 must be given).
@@ -209,8 +209,11 @@ def camera_conditioning(w2c, K, keyframe_mask, height, width):
     geometry.normalize_translation). The mask channel makes "no pose given" differ from "identity pose".
     Between them, 3 * NUM_PLANES channels say where each ray meets the reference image on each plane of the sweep
     and at which inverse depth the reference sees that point (reference_grids); the model resamples the reference
-    there (reference_candidates) and compares with its own reading of the reference's depth (CamGeo.forward).
-    Returns (B, F, CAMERA_CHANNELS, H, W): channels [o x d, d, plane grids, plane inverse depths] * mask, mask.
+    there (reference_candidates) and compares with its own reading of the reference's depth (depth_agreement).
+    At a frame without a pose the sweep follows the pose SLERP-interpolated between the given ones, while its
+    Plücker channels stay zero and the mask says the pose is not given: a guess to copy from, the smooth-motion
+    prior a pretrained video model would bring, never a pose the model is told (RESULTS.md measures that guess).
+    Returns (B, F, CAMERA_CHANNELS, H, W): channels [o x d, d] * mask, plane grids, plane inverse depths, mask.
     """
     mask = keyframe_mask.to(w2c.dtype)
     if not torch.all(mask[:, 0] == 1):
@@ -219,11 +222,13 @@ def camera_conditioning(w2c, K, keyframe_mask, height, width):
     # below sees a singular matrix, then mask their embedding out anyway
     eye = torch.eye(4, dtype=w2c.dtype, device=w2c.device).expand_as(w2c)
     w2c = torch.where(mask[..., None, None] > 0, w2c, eye)
+    if not bool(mask.all()):
+        w2c = fill_missing_poses(w2c, mask, "slerp")
     c2w = keyframe_relative_c2w(w2c, mask)
     plucker = geometry.plucker_embedding(K, c2w, height, width)  # (B, F, 6, H, W)
     grids, plane_depths = reference_grids(c2w[..., :3, 3], plucker[:, :, 3:], K[:, 0])  # (B,F,D,2|1..,H,W)
     mask_map = mask[..., None, None, None].expand(-1, -1, 1, height, width)  # (B, F, 1, H, W)
-    return torch.cat([plucker * mask_map, grids.flatten(2, 3) * mask_map, plane_depths * mask_map, mask_map], dim=2)
+    return torch.cat([plucker * mask_map, grids.flatten(2, 3), plane_depths, mask_map], dim=2)
 
 
 def reference_candidates(reference, camera, camera_drop=None):
@@ -231,24 +236,23 @@ def reference_candidates(reference, camera, camera_drop=None):
 
     reference (B, 3, H, W); camera (B, F, CAMERA_CHANNELS, H, W) from camera_conditioning; camera_drop (B,) bool
     (guidance's unconditional branch) or None. Returns (B, F, NUM_PLANES, 3, H, W): the reference sampled at
-    reference_grids where the pose is given (and the camera not dropped), the reference itself elsewhere (a frame
-    without a pose is guessed still). Border padding: where a ray leaves the reference, its nearest edge pixel is
-    repeated (a wall usually goes on); the grid channels still tell the network which pixels those are.
+    reference_grids, or the reference itself where the camera is dropped. Border padding: where a ray leaves the
+    reference, its nearest edge pixel is repeated (a wall usually goes on); the grid channels still tell the network
+    which pixels those are.
     """
     B, num_frames, _, H, W = camera.shape
-    mask = camera[:, :, MASK_CHANNELS, None]  # (B, F, 1, 1, H, W), 1 where the pose is given
-    if camera_drop is not None:
-        mask = mask * ~camera_drop[:, None, None, None, None, None]
     grids = camera[:, :, GRID_CHANNELS].reshape(B * num_frames * NUM_PLANES, 2, H, W).permute(0, 2, 3, 1)
     references = reference[:, None, None].expand(-1, num_frames, NUM_PLANES, -1, -1, -1)  # (B, F, D, 3, H, W)
     resampled = F.grid_sample(references.reshape(-1, 3, H, W), grids, mode="bilinear", padding_mode="border",
                               align_corners=False).view(B, num_frames, NUM_PLANES, 3, H, W)
-    return resampled * mask + references * (1 - mask)
+    if camera_drop is None:
+        return resampled
+    return torch.where(camera_drop[:, None, None, None, None, None], references, resampled)
 
 
 def reference_guess(reference, camera, camera_drop=None):
-    """The rotation-only warp: the reference resampled on the plane at infinity where the pose is given, the
-    reference itself elsewhere. (B, F, 3, H, W); the arguments are reference_candidates'."""
+    """The rotation-only warp: the reference resampled on the plane at infinity (B, F, 3, H, W), along the
+    interpolated pose where none is given; the arguments are reference_candidates'."""
     return reference_candidates(reference, camera, camera_drop)[:, :, 0]
 
 
@@ -466,15 +470,16 @@ def depth_agreement(inverse_depth, camera, camera_drop=None):
     each frame and each plane, |inverse depth read at the point where the plane meets the reference image - the
     plane's own inverse depth seen from the reference|. The plane holding the surface the reference sees there
     scores 0 (the backward-warping depth test); an occluded surface does not.
-    inverse_depth (B, H, W); camera from camera_conditioning. -> (B, F, NUM_PLANES, H, W), 0 where no pose."""
+    inverse_depth (B, H, W); camera from camera_conditioning. -> (B, F, NUM_PLANES, H, W), 0 where the camera is
+    dropped."""
     B, num_frames, _, H, W = camera.shape
     grids = camera[:, :, GRID_CHANNELS].reshape(B * num_frames * NUM_PLANES, 2, H, W).permute(0, 2, 3, 1)
     depths = inverse_depth[:, None, None, None].expand(-1, num_frames, NUM_PLANES, 1, H, W).reshape(-1, 1, H, W)
     read = F.grid_sample(depths, grids, mode="bilinear", padding_mode="border", align_corners=False)
-    mask = camera[:, :, MASK_CHANNELS]  # (B, F, 1, H, W)
-    if camera_drop is not None:
-        mask = mask * ~camera_drop[:, None, None, None, None]
-    return (read.view(B, num_frames, NUM_PLANES, H, W) - camera[:, :, PLANE_DEPTH_CHANNELS]).abs() * mask
+    costs = (read.view(B, num_frames, NUM_PLANES, H, W) - camera[:, :, PLANE_DEPTH_CHANNELS]).abs()
+    if camera_drop is None:
+        return costs
+    return costs * ~camera_drop[:, None, None, None, None]
 
 
 class CopyHead(nn.Module):

@@ -93,8 +93,8 @@ def start_weights():
 def test_new_model_predicts_its_starting_mixture_of_the_planes_and_x_t():
     """The copy head's last convolution starts at zero, so a new model returns the same mixture at every pixel:
     mostly the reference on the plane at infinity (the rotation-only warp), a little of every other plane and of
-    x_t. Planes are the reference moved along the given rays at keyframes, the reference itself elsewhere and
-    everywhere when the camera is dropped (guidance's unconditional branch)."""
+    x_t. Planes are the reference moved along each frame's rays (the interpolated pose's where none is given),
+    and the reference itself when the camera is dropped (guidance's unconditional branch)."""
     model = camgeo.CamGeo(CONFIG).eval()
     mask = torch.ones(2, F)
     mask[:, 1] = 0
@@ -103,12 +103,10 @@ def test_new_model_predicts_its_starting_mixture_of_the_planes_and_x_t():
     x0_hat = model(x_t, torch.rand(2), video[:, 0], prompts, camera)
     weights = start_weights()
     for frame in range(F):
-        planes = [video[:, 0]] * camgeo.NUM_PLANES
-        if frame != 1:
-            grids = camera[:, frame, camgeo.GRID_CHANNELS].unflatten(1, (camgeo.NUM_PLANES, 2))
-            planes = [torch.nn.functional.grid_sample(video[:, 0], grids[:, k].permute(0, 2, 3, 1),
-                                                      padding_mode="border", align_corners=False)
-                      for k in range(camgeo.NUM_PLANES)]
+        grids = camera[:, frame, camgeo.GRID_CHANNELS].unflatten(1, (camgeo.NUM_PLANES, 2))
+        planes = [torch.nn.functional.grid_sample(video[:, 0], grids[:, k].permute(0, 2, 3, 1),
+                                                  padding_mode="border", align_corners=False)
+                  for k in range(camgeo.NUM_PLANES)]
         generated = planes[0]  # the warp plus a change that starts at zero
         expected = sum(w * c for w, c in zip(weights, [*planes, x_t[:, frame], generated]))
         torch.testing.assert_close(x0_hat[:, frame], expected)
@@ -170,8 +168,25 @@ def test_missing_pose_differs_from_identity_pose_in_conditioning():
     mask = torch.ones(1, F)
     mask[0, 1] = 0
     missing = camgeo.camera_conditioning(eye, intrinsics(1, F), mask, S, S)
-    assert torch.count_nonzero(missing[0, 1]) == 0  # no pose: all channels zero, mask channel included
+    assert torch.count_nonzero(missing[0, 1, :6]) == 0  # no pose: Plücker channels zero
+    assert torch.count_nonzero(missing[0, 1, camgeo.MASK_CHANNELS]) == 0  # and the mask channel too
     assert torch.all(given[0, 1, -1] == 1)  # identity pose: the mask channel (last) says "given"
+
+
+def test_frame_without_pose_copies_along_the_pose_interpolated_between_its_keyframes():
+    """The sweep at a frame without a pose is the one its SLERP-interpolated pose would give, whatever garbage the
+    caller left in that pose; the Plücker channels, which tell the model poses, stay zero there."""
+    w2c = random_w2c(1, F, seed=6)
+    mask = torch.ones(1, F)
+    mask[0, 1] = 0
+    garbage = w2c.clone()
+    garbage[0, 1] = 0
+    missing = camgeo.camera_conditioning(garbage, intrinsics(1, F), mask, S, S)
+    filled = camgeo.camera_conditioning(camgeo.fill_missing_poses(w2c, mask, "slerp"), intrinsics(1, F),
+                                        torch.ones(1, F), S, S)
+    sweep = slice(camgeo.GRID_CHANNELS.start, camgeo.PLANE_DEPTH_CHANNELS.stop)
+    torch.testing.assert_close(missing[0, 1, sweep], filled[0, 1, sweep])
+    assert not torch.allclose(missing[0, 1, sweep], filled[0, 2, sweep])  # not vacuous: frames differ
 
 
 def test_keyframe_mask_changes_model_output():

@@ -387,7 +387,7 @@ def test_distillation_gradient_reaches_the_student_through_the_frozen_teacher(tm
     teacher_model = train.load_teacher(teacher_path, "cpu")
     torch.manual_seed(0)
     model = camgeo.CamGeo(SMOKE)
-    for p in [*model.final_layer.parameters(), *model.pixel_head.net[-1].parameters()]:
+    for p in [*model.final_layer.parameters(), *model.copy_head.net[-1].parameters()]:
         p.data.normal_(0, 0.02)  # zero-initialised layers would block the gradient to everything before them
     clips = batch(num_frames=SMOKE.num_frames, seeds=(0, 1, 2, 3))
     _, terms = train.step_losses(args, model, teacher_model, distill.geometry_pairs, clips, 6,
