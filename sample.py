@@ -40,6 +40,7 @@ from PIL import Image
 import camgeo
 import data
 import geometry
+import re10k
 
 DEFAULT_CKPT = os.path.join("assets", "student.safetensors")
 GIF_FRAME_MS = 150
@@ -175,7 +176,7 @@ def assemble(num_frames, poses, intrinsics, prompt):
 def parse_re10k(path, num_frames, keyframe_ratio):
     """RealEstate10K camera file -> the same dict: num_frames frames evenly spaced over the file."""
     try:
-        cameras = data.read_re10k_cameras(path)
+        cameras = re10k.read_re10k_cameras(path)
     except FileNotFoundError:
         raise InputError(f"poses file not found: {path}")
     except (OSError, ValueError) as error:  # the reader's ValueError already names the file and line

@@ -67,6 +67,7 @@ from tqdm import tqdm
 import camgeo
 import data
 import distill
+import re10k
 import teacher
 
 METHODS = ("camgeo", "sparse", "full", "linear", "slerp")
@@ -97,7 +98,7 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float)
     parser.add_argument("--ema-decay", type=float)
     parser.add_argument("--num-clips", type=int, help="size of the prerendered clip pool; 0 streams clips")
-    parser.add_argument("--data", metavar="PATH", help="RealEstate10K-format folder (data.RE10KClips)")
+    parser.add_argument("--data", metavar="PATH", help="RealEstate10K-format folder (re10k.RE10KClips)")
     parser.add_argument("--out", help="output folder, default out/<method>")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
@@ -199,7 +200,7 @@ def collate(items):
 def make_dataset(args, config):
     size = config.image_size
     if args.data:
-        return data.RE10KClips(args.data, config.num_frames, size, size)
+        return re10k.RE10KClips(args.data, config.num_frames, size, size)
     return data.SyntheticClips("train", config.num_frames, size, size)
 
 

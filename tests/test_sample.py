@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 import camgeo
 import data
+import re10k
 import sample
 import train
 
@@ -92,7 +93,7 @@ def test_sample_writes_gif_frame_pngs_and_strip(workdir):
 
 
 def test_sample_accepts_a_realestate10k_camera_file(workdir):
-    data.write_re10k_clip(data.render_clip(3, F + 2, S, S), str(workdir / "re10k"), "clip")
+    re10k.write_re10k_clip(data.render_clip(3, F + 2, S, S), str(workdir / "re10k"), "clip")
     result = run_sample(workdir, workdir / "ref.png", workdir / "re10k" / "clip.txt", "--keyframes", "0.5",
                         in_process=True)
     assert result.returncode == 0, result.stderr

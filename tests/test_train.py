@@ -13,6 +13,7 @@ import camgeo
 import data
 import distill
 import geometry
+import re10k
 import teacher
 import train
 
@@ -176,7 +177,7 @@ def test_parse_args_rejects_ratio_outside_zero_one():
 
 def test_smoke_run_trains_on_a_realestate10k_folder(tmp_path):
     for seed in range(3):
-        data.write_re10k_clip(data.render_clip(seed, SMOKE.num_frames, 24, 24), str(tmp_path / "re10k"), f"c{seed}")
+        re10k.write_re10k_clip(data.render_clip(seed, SMOKE.num_frames, 24, 24), str(tmp_path / "re10k"), f"c{seed}")
     out = smoke_run(tmp_path, "sparse", steps=2, extra=("--data", str(tmp_path / "re10k")))
     _, info = camgeo.load_checkpoint(os.path.join(out, train.CKPT_NAME))
     assert info["step"] == 2 and json.loads(open(os.path.join(out, train.LOG_NAME)).readline())["loss"] > 0
