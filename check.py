@@ -50,16 +50,18 @@ def mean_over_clips(values):
     return report.statistic(np.mean, report.known(values))
 
 
-def covisible_table(clips, videos):
+def covisible_table(clips, videos, keyframes=()):
     """Markdown lines: for each named video (C, F, 3, H, W), the co-visible PSNR averaged over clips, its mean
-    over frames 1..F-1 and each frame apart, then the full-frame PSNR of frames 1..F-1."""
+    over frames 1..F-1 and each frame apart (the given keyframes marked), then the full-frame PSNR of frames
+    1..F-1."""
     truth = torch.stack([clip.video for clip in clips])
     num_frames = truth.shape[1]
     share = torch.stack([clip.covisible[1:].float().mean() for clip in clips]).mean().item()
     lines = [f"PSNR on the co-visible pixels ({share:.0%} of frames 1..{num_frames - 1}: those the reference also "
              "sees, by the true depth, occlusion-checked), mean over clips:", "",
              f"| video | co-visible, frames 1..{num_frames - 1} | "
-             + " | ".join(f"frame {f}" for f in range(1, num_frames)) + " | full frame, frames 1..F-1 |",
+             + " | ".join(f"frame {f}" + " (key)" * (f in keyframes) for f in range(1, num_frames))
+             + " | full frame, frames 1..F-1 |",
              "|---|" + "---|" * (num_frames + 1)]
     for name, video in videos.items():
         per_frame = covisible_psnr(clips, video)  # (C, F)
@@ -141,7 +143,7 @@ def check_camera_following(ckpt, num_clips, sample_steps=SAMPLE_STEPS, cfg_scale
                   "reference resampled along every pose's rays (rotation-only warp)":
                       camgeo.reference_guess(reference, every_pose)[1],
                   "samples, own cameras": videos["samples, own cameras"]}
-    lines += ["", *covisible_table(clips, references)]
+    lines += ["", *covisible_table(clips, references, keyframes)]
     if estimate:
         lines += ["", "| video | RotErr | TransErr | CamMC |", "|---|---|---|---|"]
         for name in ("repeat the reference frame", "samples, own cameras"):
