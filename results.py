@@ -6,9 +6,9 @@ scored twice compared, and the scores' own noise.
     python results.py rescore out/eval/runs/camgeo_0.5_0.pt                 # its videos with invisible noise
     python results.py rescore out/eval/runs/sparse_0.5_0.pt out/eval/runs/camgeo_0.5_0.pt --draws 6   # averaged
 
-A program of its own, beside evaluate.py (the study) and check.py (one checkpoint): reading results back is
-what a reader runs most often and it needs none of the study's machinery. The tables, intervals and pictures it
-writes are report.py's, a module the study imports too, which is why this is not report.py itself: no program
+A program of its own, beside evaluate.py (the study) and check.py (one checkpoint): reading results back trains
+and samples nothing, and runs in seconds (rescore: minutes) on files a study left. Why not report.py itself: the
+tables, intervals and pictures are report.py's, a module that the study and the check import, and no program
 imports another.
 """
 import argparse
