@@ -147,6 +147,12 @@ def yaw_rotation(yaw):
     return np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
 
 
+def ease(s):
+    """Progress along a path at time s in [0, 1] (a float or an array): a mix (EASE) of constant speed and
+    smoothstep, so a walkthrough speeds up and slows down."""
+    return (1 - EASE) * s + EASE * s * s * (3 - 2 * s)
+
+
 def pick(rng, options):
     # rng.choice would do, but it is slow on small lists and this runs for every clip.
     return options[int(rng.integers(len(options)))]
@@ -254,7 +260,7 @@ class CameraPath:
     def c2w(self, times):
         """Camera-to-world poses at times (T,) in [0, 1]. (T, 4, 4) float64."""
         s = np.asarray(times, dtype=np.float64)
-        eased = (1 - EASE) * s + EASE * s * s * (3 - 2 * s)
+        eased = ease(s)
         waves = np.sin(2 * math.pi * self.shake_freq[:, :, None] * s + self.shake_phase[:, :, None])
         shake = (self.shake_amplitude[:, :, None] * waves).sum(1)  # (6, T)
         base_yaw = self.yaw[0] + eased * (self.yaw[1] - self.yaw[0])
