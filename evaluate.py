@@ -88,11 +88,11 @@ def train_command(run, preset, out, device, threads):
 
 def trained_by(ckpt, command):
     """Whether the finished checkpoint `ckpt` holds what train.py `command` would train today: the same method,
-    preset, step count and options with train.py's current defaults filled in (train.checkpoint_options), so a
+    preset, step count and options with train.py's current defaults filled in (training.checkpoint_options), so a
     changed default retrains instead of reusing weights trained with the old one. Unreadable -> False."""
-    import train  # the study's own process only; the trainings run as subprocesses
-    args = train.parse_args(command[2:])  # past the interpreter and "train.py"
-    wanted = json.loads(json.dumps(train.checkpoint_options(args)))  # lists and floats as the metadata holds them
+    import training  # the study's own process only; the trainings run as subprocesses
+    args = training.parse_args(command[2:])  # past the interpreter and "train.py"
+    wanted = json.loads(json.dumps(training.checkpoint_options(args)))  # lists and floats as the metadata holds them
     try:
         with safe_open(ckpt, framework="pt") as f:
             metadata = f.metadata() or {}

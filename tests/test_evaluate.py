@@ -1,6 +1,7 @@
 """evaluate.py: the study runs end to end on a tiny config, reuses what it trained, and trains what its ablation
 registry names (smoke_study: conftest.py)."""
 import csv
+import dataclasses
 import json
 import os
 
@@ -15,7 +16,7 @@ import evaluate
 import evaluation
 import geometry
 import report
-import train
+import training
 
 
 def test_smoke_study_writes_the_table_with_one_row_per_method_and_the_estimator_floor(smoke_study):
@@ -70,16 +71,17 @@ def test_smoke_study_reuses_its_checkpoint(smoke_study, capsys):
 def test_a_checkpoint_is_reused_only_if_it_holds_what_its_command_trains_now(tmp_path, monkeypatch):
     run = evaluate.Run("camgeo_0.5_0", "camgeo", 0.5, 0, (), "CamGeo")
     command = evaluate.train_command(run, evaluation.STUDY_PRESETS["smoke"], str(tmp_path), "cpu", 1)
-    args = train.parse_args(command[2:])
+    args = training.parse_args(command[2:])
     ckpt = str(tmp_path / "ckpt.safetensors")
 
-    def write(method="camgeo", step=args.steps, options=train.checkpoint_options(args)):
+    def write(method="camgeo", step=args.steps, options=training.checkpoint_options(args)):
         save_file({"ema.x": torch.zeros(1)}, ckpt,
                   metadata={"method": method, "step": str(step), "options": json.dumps(options)})
 
     write()
     assert evaluate.trained_by(ckpt, command)
-    monkeypatch.setattr(distill, "TEACHER_GRADIENT_SIGMA", distill.TEACHER_GRADIENT_SIGMA + 1)  # a new default
+    new_default = dataclasses.replace(distill.DEFAULTS, teacher_gradient_sigma=4.0)
+    monkeypatch.setattr(distill, "DEFAULTS", new_default)  # a changed default of train.py
     assert not evaluate.trained_by(ckpt, command)
     monkeypatch.undo()
     write(step=args.steps - 1)  # a run cut short
@@ -147,8 +149,8 @@ def test_each_ablation_trains_camgeo_with_exactly_its_one_change(name, tmp_path)
     preset = evaluation.STUDY_PRESETS["cpu"]
     camgeo_run, = evaluate.plan_runs(["camgeo"], (0.5,), (0,), [])
     ablation_run = evaluate.plan_runs([], (0.5,), (0,), [name])[0]
-    resolve = lambda run: train.checkpoint_options(
-        train.parse_args(evaluate.train_command(run, preset, str(tmp_path), "cpu", 1)[2:]))
+    resolve = lambda run: training.checkpoint_options(
+        training.parse_args(evaluate.train_command(run, preset, str(tmp_path), "cpu", 1)[2:]))
     camgeo_options, ablation_options = resolve(camgeo_run), resolve(ablation_run)
     changed = {key: value for key, value in ablation_options.items() if camgeo_options[key] != value}
     assert changed == ABLATION_CHANGES[name]  # a no-op flag (already the default) or a second change fails

@@ -19,6 +19,7 @@ import data
 import re10k
 import sample
 import train
+import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = camgeo.PRESETS["smoke"]
@@ -30,7 +31,7 @@ QUARTER_TURN_Y = [[0, 0, 1], [0, 1, 0], [-1, 0, 0]]
 def workdir(tmp_path_factory):
     """A smoke checkpoint, a reference image and a valid poses file."""
     folder = tmp_path_factory.mktemp("sample")
-    args = train.parse_args(["--preset", "smoke", "--method", "sparse", "--steps", "2", "--out", str(folder / "run"),
+    args = training.parse_args(["--preset", "smoke", "--method", "sparse", "--steps", "2", "--out", str(folder / "run"),
                              "--num-workers", "0", "--num-clips", "4"])
     train.train(args)
     clip = data.render_clip(7, F, S, S)
@@ -50,7 +51,7 @@ def valid_spec():
 def run_sample(workdir, image, poses, *extra, ckpt=None, in_process=False):
     """Run sample.py as a user does (a subprocess), or in this process through the same sample.cli, which is
     much faster (no interpreter and torch start-up) for the long list of malformed inputs."""
-    ckpt = ckpt or str(workdir / "run" / train.CKPT_NAME)
+    ckpt = ckpt or str(workdir / "run" / training.CKPT_NAME)
     argv = [str(image), str(poses), "--ckpt", ckpt, "--steps", "2", "--out", str(workdir / "samples"), *extra]
     if in_process:
         stderr = io.StringIO()
@@ -234,6 +235,12 @@ def test_rgba_and_greyscale_images_of_another_size_are_converted_with_a_note(wor
     result = run_sample(workdir, workdir / f"img_{mode}.png", workdir / "poses.json", in_process=mode == "L")
     assert result.returncode == 0, result.stderr
     assert f"converted from {mode} to RGB" in result.stderr and "resized" in result.stderr
+
+
+def test_sampling_never_imports_the_teacher():
+    code = "import sys, sample; print('teacher' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "False"
 
 
 def test_shipped_student_loads_and_samples_every_example_pose_file(tmp_path):
