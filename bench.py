@@ -144,14 +144,15 @@ def geometry_step(fn, inputs):
 def bench_geometry(device, shapes, repeats, copy_bytes_per_s):
     compiled = torch.compile(distill.geometry_loss)
     print("\n## L_geo forward + backward (distill.geometry_loss), eager vs torch.compile")
-    print(f"spans {distill.GEO_SPANS}; minimum traffic {GEO_VALUES_PER_PAIR_PIXEL} float32 values per pair-pixel")
+    print(f"spans {distill.DEFAULTS.spans}; minimum traffic {GEO_VALUES_PER_PAIR_PIXEL} float32 values per "
+          "pair-pixel")
     print("| shape (clips x frames x HxW) | pairs | eager | compiled | speed-up | eager peak | compiled peak "
           "| compiled GB/s | of copy rate |")
     print("|---|---|---|---|---|---|---|---|---|")
     results = []
     for clips, num_frames, size in shapes:
         inputs = geometry_inputs(clips, num_frames, size, device)
-        num_pairs = distill.span_pairs(num_frames, distill.GEO_SPANS)[0].numel()
+        num_pairs = distill.span_pairs(num_frames, distill.DEFAULTS.spans)[0].numel()
         started = time.perf_counter()
         geometry_step(compiled, inputs)  # compiles (or loads from the cache)
         compile_seconds = time.perf_counter() - started
@@ -176,18 +177,13 @@ def bench_geometry(device, shapes, repeats, copy_bytes_per_s):
 
 
 def load_bench_teacher(path, device):
-    import teacher  # only bench and train.py load the teacher; sampling never does
-    if path is None and os.path.isfile(train_module().DEFAULT_TEACHER):
-        path = train_module().DEFAULT_TEACHER
+    import teacher  # only bench and training load the teacher; sampling never does
+    if path is None and os.path.isfile(distill.DEFAULTS.teacher):
+        path = distill.DEFAULTS.teacher
     if path is None:
         torch.manual_seed(0)
         return teacher.freeze(teacher.VGGT(teacher.SMALL_TEACHER)).to(device), "random SMALL_TEACHER"
     return teacher.freeze(teacher.load_vggt(path)).to(device), path
-
-
-def train_module():
-    import train
-    return train
 
 
 def bench_teacher(teacher_model, device, batch_size, config, repeats):
@@ -199,19 +195,19 @@ def bench_teacher(teacher_model, device, batch_size, config, repeats):
           f"{teacher.teacher_input_size(teacher_model.config, config.image_size, config.image_size)})")
     print("| clips | cameras | forward | forward + backward to the frames |")
     print("|---|---|---|---|")
-    teacher_clips = math.ceil(distill.TEACHER_BATCH_FRACTION * batch_size)
+    teacher_clips = math.ceil(distill.DEFAULTS.teacher_fraction * batch_size)
     clip = data.render_clip(0, config.num_frames, config.image_size, config.image_size)  # a real clip: the
     for clips in sorted({teacher_clips, batch_size}):  # alignment converges on it as in training
         frames = clip["video"].expand(clips, -1, -1, -1, -1).contiguous().to(device)
         K = clip["K"].expand(clips, 3, 3).to(device)
-        for cameras in teacher.CAMERA_SOURCES:
+        for cameras in distill.CAMERA_SOURCES:
             def forward(cameras=cameras):
                 with torch.no_grad():
-                    teacher.teacher_geometry(teacher_model, frames, cameras, intrinsics=K)
+                    distill.teacher_geometry(teacher_model, frames, cameras, intrinsics=K)
 
             def forward_backward(cameras=cameras):
                 x = frames.clone().requires_grad_()
-                seen = teacher.teacher_geometry(teacher_model, x, cameras, intrinsics=K)
+                seen = distill.teacher_geometry(teacher_model, x, cameras, intrinsics=K)
                 (seen["depth"].mean() + seen["extrinsics"].mean()).backward()
 
             print(f"| {clips}{' (distilled per step)' if clips == teacher_clips else ' (whole batch)'} | {cameras} | "
@@ -224,18 +220,18 @@ def bench_steps(teacher_model, device, batch_size, config, repeats, use_compile)
     CamGeo step that runs the teacher, one the teacher skips (--teacher-every N > 1 runs N - 1 of those between two
     teacher steps), and their mean over train.py's default cadence (what a CamGeo run costs per step once the
     warm-up is over). -> that mean / the Sparse step."""
-    train = train_module()
     import data
-    clips = train.collate([data.render_clip(seed, config.num_frames, config.image_size, config.image_size)
+    import training
+    clips = training.collate([data.render_clip(seed, config.num_frames, config.image_size, config.image_size)
                            for seed in range(batch_size)])
-    geometry_pairs = train.make_geometry_pairs(use_compile)
+    geometry_pairs = training.make_geometry_pairs(use_compile)
     steps = {}
-    every = distill.TEACHER_EVERY  # train.py's default cadence
+    every = distill.DEFAULTS.teacher_every  # train.py's default cadence
     # about step 60 of 100 (alpha ~ 1, beta ~ 0.97: both distillation losses are computed), on any cadence up to 6;
     # "between" is step 61 at --teacher-every 2: a CamGeo step the teacher skips, what a cadence N > 1 saves
     for name, method, at_step, cadence in (("sparse", "sparse", 60, every), ("camgeo", "camgeo", 60, every),
                                            ("camgeo_between", "camgeo", 61, 2)):
-        args = train.parse_args(["--method", method, "--preset", "cpu", "--steps", "100", "--batch-size",
+        args = training.parse_args(["--method", method, "--preset", "cpu", "--steps", "100", "--batch-size",
                                  str(batch_size), "--teacher-every", str(cadence)])
         torch.manual_seed(0)
         model = camgeo.CamGeo(config).to(device).train()
@@ -243,11 +239,11 @@ def bench_steps(teacher_model, device, batch_size, config, repeats, use_compile)
         generator = torch.Generator().manual_seed(0)
 
         def step(args=args, model=model, optimizer=optimizer, generator=generator, at_step=at_step):
-            loss, _ = train.step_losses(args, model, teacher_model, geometry_pairs, clips, at_step, generator,
-                                        config, device)
+            loss, _ = training.step_losses(args, model, teacher_model, geometry_pairs, clips, at_step, generator,
+                                           config, device)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.GRAD_CLIP)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), training.GRAD_CLIP)
             optimizer.step()
 
         for _ in range(2):  # the first CamGeo steps compile L_geo (or load it from the cache): not timed
@@ -257,8 +253,8 @@ def bench_steps(teacher_model, device, batch_size, config, repeats, use_compile)
                                                          device=device, repeats=repeats)
     mean = (teacher_step + (every - 1) * between) / every
     print(f"\n## training step, cpu preset, batch {batch_size}: the teacher sees at most "
-          f"{math.ceil(distill.TEACHER_BATCH_FRACTION * batch_size)} of the {batch_size} clips (gated by noise level), "
-          f"on one step in {every}")
+          f"{math.ceil(distill.DEFAULTS.teacher_fraction * batch_size)} of the {batch_size} clips (gated by noise "
+          f"level), on one step in {every}")
     print("| Sparse step | CamGeo step with the teacher (aligned cameras, teacher-consistent target) | CamGeo step "
           f"without | CamGeo, mean over {every} step(s) | teacher step / Sparse | mean / Sparse (target <= 1.5) |")
     print("|---|---|---|---|---|---|")
@@ -269,18 +265,18 @@ def bench_steps(teacher_model, device, batch_size, config, repeats, use_compile)
 
 def bench_sampling(device, config, repeats, num_steps):
     """sample.py's path: load a checkpoint, sample; CamGeo and Sparse checkpoints hold the same network."""
-    train = train_module()
     import data
+    import training
     clip = data.render_clip(0, config.num_frames, config.image_size, config.image_size)
     runs = {}
     with tempfile.TemporaryDirectory() as folder:
         for method in ("sparse", "camgeo"):
-            args = train.parse_args(["--method", method, "--preset", "cpu", "--out", folder])
+            args = training.parse_args(["--method", method, "--preset", "cpu", "--out", folder])
             torch.manual_seed(0)
             model, ema = camgeo.CamGeo(config), camgeo.CamGeo(config)
             optimizer = torch.optim.AdamW(model.parameters())
-            train.save_checkpoint(folder, model, ema, optimizer, config, args, 0, [])
-            loaded, info = camgeo.load_checkpoint(os.path.join(folder, train.CKPT_NAME), device=device)
+            training.save_checkpoint(folder, model, ema, optimizer, config, args, 0, [])
+            loaded, info = camgeo.load_checkpoint(os.path.join(folder, training.CKPT_NAME), device=device)
             camera, _, _ = camgeo.camera_inputs(clip["w2c"][None], clip["K"][None], method, 0.5,
                                                height=config.image_size, width=config.image_size)
             reference = clip["video"][None, 0].to(device)
@@ -313,7 +309,7 @@ def main():
     print(f"\n## memory copy: {rate / 1e9:.2f} GB/s (read + write of a {64 if args.quick else 256} MiB buffer)")
 
     config = camgeo.PRESETS["cpu"]
-    teacher_clips = math.ceil(distill.TEACHER_BATCH_FRACTION * 8)
+    teacher_clips = math.ceil(distill.DEFAULTS.teacher_fraction * 8)
     shapes = [(teacher_clips, config.num_frames, config.image_size),
               (4, 16, 64) if args.quick else (8, 16, 64)]
     speedups = bench_geometry(device, shapes, repeats, rate)

@@ -5,99 +5,152 @@ losses pull the student toward geometric consistency, switched on by a coarse-to
 
     L_total = L_diff + alpha(step) [(1 - beta(step)) L_traj + beta(step) L_geo]
 
-One function per equation of the paper: teacher_weight (the gate on the noise level), trajectory_loss (L_traj,
-keyframe trajectory distillation), geometry_loss (L_geo, cross-frame depth-warping consistency with the
-trajectory-smoothness term), curriculum_weights (alpha, beta) and total_loss (L_total); distillation_losses runs
-the teacher on a training batch and applies them. train.py calls it; sampling (sample.py) never imports this file
-or the teacher, so a CamGeo checkpoint samples exactly as fast as the plain model.
+DistillConfig holds every choice of the distillation (train.py's distillation options are its fields). How CamGeo
+reads the teacher: teacher_geometry (its depth at the student's resolution, and its cameras from its head or from
+aligning the frames through that depth, alignment.py). One function per equation of the paper: teacher_weight (the
+gate on the noise level), trajectory_loss (L_traj, keyframe trajectory distillation), geometry_loss (L_geo,
+cross-frame depth-warping consistency with the trajectory-smoothness term), curriculum_weights (alpha, beta) and
+total_loss (L_total); distillation_losses runs the teacher on a training batch and applies them. training.py calls
+it; sampling (sample.py) never imports this file or the teacher, so a CamGeo checkpoint samples exactly as fast as
+the plain model.
 """
 import math
+import os
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+import alignment
 import geometry
 import teacher
 
 # -----------------------------------------------------------------------------
-# choices the paper leaves open (each is an option of train.py)
+# the choices: the paper gives the losses and the phases, not these values
 
-# The teacher reads x0_hat. Past SNR = 1 (t = 0.5 in rectified flow, where noise and signal weigh the same in x_t)
-# x0_hat is a blurred guess; "linear" ramps the weight from 0 there to 1 at t = 0, "flat" gives every clip below
-# t_max the full weight (so the noise levels where the camera decides the layout count as much as clean ones).
-TEACHER_T_MAX = 0.5
-TEACHER_GATE = "linear"
-# The teacher's gradient reaches x0_hat low-passed by a Gaussian of this width, in pixels of the student's frames
-# (0: unfiltered). The forward pass is untouched: the teacher reads x0_hat itself. A network's input gradient
-# carries fine patterns that change its reading without being content; passed on whole, they are what the
-# student learns fastest (the mottled texture at the size of its 4-pixel patches). sigma = 3 keeps 6% of an
-# 8-pixel period and half of a 16-pixel one: the layout of a 32-pixel frame, which is what the cameras move, passes.
-# Against 1.5 it halves the distillation's cost in image (evaluate.py --check against Sparse, RESULTS.md).
-TEACHER_GRADIENT_SIGMA = 3.0
-# The teacher's frame 0. "predicted": x0_hat's own frame 0 (the teacher sees the generated video whole, as the
-# paper describes it). "reference": the reference image the student was given, since in image-to-video frame 0 is
-# an input, not a prediction. The teacher's world is its first frame (VGGT makes every camera relative to it) and
-# the aligned cameras are chained from it; read from x0_hat, frame 0 receives the largest L_traj gradient of any
-# frame (train_teacher.py --pull), so the student could move every camera at once by repainting its copy of the
-# reference. Measured, it does not: paired with Sparse on 64 clips the two score the same, frame by frame
-# (RESULTS.md), so the default stays the paper's.
-TEACHER_FRAME0 = "predicted"
-# At most this fraction of each batch goes through the teacher (rounded up, so at least one clip): the teacher's
-# forward + backward is the expensive part of a CamGeo step (bench.py).
-TEACHER_BATCH_FRACTION = 0.125
-# The teacher runs on every N-th step after the warm-up, and there its two losses weigh N times as much: the
-# expected gradient is the same as running it every step (lazy regularisation, as StyleGAN2 does for its R1
-# penalty), for 1/N of the teacher's cost, which is most of what a CamGeo step adds (bench.py). It is not free: Adam
-# is not linear in its gradients, and a pull N times as strong on 1/N of the steps costs image (RESULTS.md: at
-# weights 0.25 every step scores 0.1 dB above every third step in the study; at the defaults' weights every third
-# step falls below Sparse on --check at seed 0, every step stays above it at both seeds). The default keeps the
-# paper's cadence, at 1.5x a Sparse step's cost: `python train.py --sparse 0.5` takes 19 to 24 minutes on 2 cores.
-TEACHER_EVERY = 1
-# What the teacher's reading of x0_hat is compared with. "teacher": its reading of the real clip x0 (L_traj
-# between the two trajectories; L_geo only where x0_hat is less consistent than x0), so both losses are exactly
-# zero at x0_hat = x0 and never pull the student off the data to suit the teacher's own errors. "truth": the
-# ground-truth keyframe poses and the plain L_geo, as printed in the paper.
-DISTILL_TARGET = "teacher"
-# The frames L_traj compares. "keyframes": the frames whose pose the student is given (the paper's S). "all": every
-# frame, which only the teacher target allows: the teacher's reading of the real clip needs no camera label, so it
-# can supervise the frames between keyframes, where a sparse student has no pose to follow.
-TRAJ_FRAMES = "keyframes"
-# With the teacher target, how L_geo's excess over the real clip is taken. "clip": max(0, L_geo(x0_hat) -
-# L_geo(x0)) of the clip's whole sum, so one term's shortfall can pay for the other's excess. "pair": each term of
-# each pair on its own, max(0, x0_hat's - x0's): no pair and no term pays for another, a prediction whose camera
-# moves more evenly than the real clip's earns nothing, and the smoothness term cannot pull a keyframe's camera
-# off the data's to make up for depth that is less consistent elsewhere. Measured, their students score the same
-# (paired with Sparse on 64 clips, RESULTS.md), so the default keeps the simpler one.
-GEO_EXCESS = "clip"
-# Weights of the two distillation terms inside L_total. The paper's are 1; here one distilled clip, read by a
-# teacher that sees a prediction much less well than a real frame, then pulls on the student as hard as the
-# diffusion loss of the whole batch, and costs image quality (RESULTS.md). The cost falls with the weight; at 0.05,
-# with the low-pass above and the teacher on every step, the headline command's `evaluate.py --check` PSNR is above
-# Sparse's at both training seeds measured (+0.006 and +0.010 dB, 64 clips paired).
-TRAJ_WEIGHT = 0.05
-GEO_WEIGHT = 0.05
-# Frame spans k of the pairs (f, f + k) in L_geo; spans >= the clip length are dropped. Span 1 keeps
-# neighbours consistent, span 4 (half the default 8-frame clip) ties distant frames together against drift.
-GEO_SPANS = (1, 2, 4)
-# w = exp(gamma k): a mild extra tilt toward long spans (x1.25 for k = 4 vs k = 1) on top of lambda(k).
-GEO_GAMMA = 0.075
-# w = exp(-eta |grad I|_1), |grad I|_1 in [0, 1] image units (mean over RGB of |dI/dx| + |dI/dy|): a strong
-# edge (0.3) gets weight 0.22, a flat region 1. Edges are where depth is discontinuous and occlusions begin.
-GEO_ETA = 5.0
-# Scale alignment of the sampled depth to the warped depth: least squares (gradient reaches every valid
-# pixel, and it is two sums) rather than a median (gradient to a single pixel, a sort).
-GEO_SCALE_MODE = "lstsq"
-# Weight of the trajectory-smoothness term inside L_geo (0: the "w/o smoothness" ablation).
-GEO_SMOOTHNESS_WEIGHT = 1.0
-# Curriculum, as fractions of the run. Phase 1 (warm-up, diffusion only) ends at 10%; alpha (distillation
-# on) is centred at 20%, beta (trajectory -> depth) at 50%; each sigmoid rises over about +-3 widths.
-CURRICULUM_WARMUP = 0.1
-CURRICULUM_ALPHA_MID = 0.2
-CURRICULUM_BETA_MID = 0.5
-CURRICULUM_WIDTH = 0.03
+CAMERA_SOURCES = ("head", "aligned")  # the teacher's camera head, or its frames aligned through its depth
+# The head's fields of view are clamped to this range (wider than any camera's): at its ReLU floor, FoV 0, the
+# focal length is infinite and every projection NaN.
+FOV_RANGE_DEG = (10.0, 150.0)
 
 
-def teacher_weight(t, t_max=TEACHER_T_MAX, shape=TEACHER_GATE):
+@dataclass
+class DistillConfig:
+    """Every choice of the distillation. train.py exposes the ones a user sets (the teacher, its cameras and
+    cadence, the loss weights, the paper's ablations and printed forms); a CamGeo checkpoint records them all."""
+    # the teacher
+    teacher: str = os.path.join("assets", "teacher_small.safetensors")  # trained here: python train_teacher.py
+    teacher_cameras: Optional[str] = None  # "head" or "aligned"; None: default_cameras, by the kind of teacher
+    teacher_every: int = 1  # on every N-th step, weighted N times there: 1/N of its cost, but a jerkier pull
+    teacher_fraction: float = 0.125  # at most this share of a batch is distilled: the teacher is most of a step
+    teacher_gate: str = "linear"  # per-clip weight 1 - t / t_max ("flat": 1 below t_max): clearer x0_hat, more say
+    teacher_t_max: float = 0.5  # past SNR = 1 (t = 0.5) x0_hat is a blurred guess, too vague for the teacher
+    teacher_gradient_sigma: float = 3.0  # low-pass (px) of the teacher's gradient: layout passes, pixel patterns not
+    # the losses
+    distill_target: str = "teacher"  # the teacher's reading of the real clip (zero at the data) or "truth" (printed)
+    traj_weight: float = 0.05  # the paper's 1 makes one distilled clip pull as hard as the batch's diffusion loss
+    geo_weight: float = 0.05  # the same for L_geo
+    traj_intrinsics: bool = False  # the paper's |K_hat - K|: a teacher's inexact FoV can only be met by fooling it
+    spans: tuple = (1, 2, 4)  # frame spans k of L_geo: 1 keeps neighbours consistent, 4 ties far frames (drift)
+    gamma: float = 0.075  # w = exp(gamma k): a mild extra tilt toward long spans on top of lambda(k)
+    eta: float = 5.0  # w = exp(-eta |grad I|_1): less weight on strong edges, where depth jumps and occlusions start
+    smoothness_weight: float = 1.0  # of L_geo's trajectory-smoothness term (0: the "w/o smoothness" ablation)
+    # the curriculum
+    schedule: str = "sigmoid"  # "linear": the paper's linear-vs-sigmoid ablation
+    warmup: bool = True  # phase 1, diffusion only (False: the "w/o warm-up" ablation)
+    geo_gate: str = "beta"  # L_geo waits for beta as the phases describe ("printed": alpha only, as the equation)
+    warmup_fraction: float = 0.1  # phase 1 ends here, as a fraction of the run
+    alpha_mid: float = 0.2  # alpha (distillation on) is centred here, after the warm-up
+    beta_mid: float = 0.5  # beta (trajectory -> depth) halfway: a camera first, then its depth
+    schedule_width: float = 0.03  # each sigmoid rises over about +-3 widths: a short hand-over, not a step
+
+    def __post_init__(self):
+        if self.teacher_cameras not in (None, *CAMERA_SOURCES):
+            raise ValueError(f"teacher_cameras must be one of {CAMERA_SOURCES} or None, got {self.teacher_cameras!r}")
+        if self.teacher_every < 1:
+            raise ValueError(f"teacher_every must be >= 1, got {self.teacher_every}")
+        if not (0.0 < self.teacher_t_max <= 1.0 and 0.0 < self.teacher_fraction <= 1.0):
+            raise ValueError(f"teacher_t_max and teacher_fraction must be in (0, 1], got {self.teacher_t_max} and "
+                             f"{self.teacher_fraction}")
+        if self.teacher_gradient_sigma < 0:
+            raise ValueError(f"teacher_gradient_sigma must be >= 0, got {self.teacher_gradient_sigma}")
+        if self.distill_target not in ("teacher", "truth"):
+            raise ValueError(f"distill_target must be 'teacher' or 'truth', got {self.distill_target!r}")
+
+
+DEFAULTS = DistillConfig()  # the functions' defaults
+GEO_SCALE_MODE = "lstsq"  # depth scale by least squares: a gradient to every valid pixel (a median's: to one)
+
+
+# -----------------------------------------------------------------------------
+# the teacher's reading of a video
+
+def default_cameras(config):
+    """Where a teacher's cameras come from unless told otherwise: the released VGGT (DINOv2 patch embedding)
+    has an accurate camera head; a teacher trained from scratch on a CPU has not (RESULTS.md), and its
+    cameras come from aligning the frames through its own depth (alignment.py)."""
+    return "head" if config.patch_embed == "dinov2" else "aligned"
+
+
+def teacher_geometry(model, video, cameras=None, intrinsics=None, alignment_config=None):
+    """Run the teacher on frames of any size and return geometry in the input's pixels.
+
+    video (B, F, 3, H, W) or (F, 3, H, W) in [0, 1] -> dict (batch dims as given):
+      pose_enc (B, F, 9) (the head's, FoV clamped), extrinsics (B, F, 4, 4) w2c relative to frame 0 (teacher's
+      own scale),
+      intrinsics (B, F, 3, 3) in pixels of H x W, depth (B, F, H, W), depth_conf (B, F, H, W).
+    cameras: "head" (the camera head, FoV clamped to FOV_RANGE_DEG), "aligned" (alignment.align_cameras:
+    direct alignment of consecutive frames through the teacher's depth, started from the head's cameras; VGGT's
+    authors refine the head the same way, by bundle adjustment on its depth), or None for default_cameras.
+    intrinsics (B, 3, 3) or (B, F, 3, 3): known intrinsics in pixels of H x W, used instead of the head's.
+    Differentiable w.r.t. the video, through the aligned cameras too.
+    """
+    if video.dim() not in (4, 5) or video.shape[-3] != 3:
+        raise ValueError(f"teacher_geometry expects video (B, F, 3, H, W) or (F, 3, H, W), got {tuple(video.shape)}")
+    cameras = cameras or default_cameras(model.config)
+    if cameras not in CAMERA_SOURCES:
+        raise ValueError(f"cameras must be one of {CAMERA_SOURCES}, got {cameras!r}")
+    unbatched = video.dim() == 4
+    if unbatched:
+        video = video.unsqueeze(0)
+        intrinsics = None if intrinsics is None else intrinsics.unsqueeze(0)
+    B, Fr, _, H, W = video.shape
+    size = teacher.teacher_input_size(model.config, H, W)
+    frames = video.flatten(0, 1)
+    if size != (H, W):
+        frames = F.interpolate(frames, size=size, mode="bilinear", align_corners=False, antialias=True)
+    out = model(frames.unflatten(0, (B, Fr)), point_maps=False)
+    # The encoding holds fields of view, not focal lengths: decoding it at H x W directly gives
+    # the intrinsics of the (stretched) input frames.
+    low, high = (math.radians(d) for d in FOV_RANGE_DEG)
+    pose_enc = torch.cat([out["pose_enc"][..., :7], out["pose_enc"][..., 7:].clamp(low, high)], dim=-1)
+    extrinsics, head_intrinsics = geometry.pose_encoding_to_extri_intri(pose_enc, (H, W))
+    extrinsics = geometry.to_homogeneous(extrinsics)
+    if intrinsics is None:
+        intrinsics = head_intrinsics
+    elif intrinsics.shape[-2:] != (3, 3) or intrinsics.shape[0] != B or intrinsics.dim() not in (3, 4):
+        raise ValueError(f"intrinsics must be (B, 3, 3) or (B, F, 3, 3) for B = {B}, got {tuple(intrinsics.shape)}")
+    else:
+        per_frame = intrinsics if intrinsics.dim() == 4 else intrinsics[:, None]
+        intrinsics = per_frame.to(video.dtype).expand(B, Fr, 3, 3)
+    depth = torch.stack([out["depth"][..., 0], out["depth_conf"]], dim=2).flatten(0, 1)  # (B*F, 2, h, w)
+    if size != (H, W):
+        depth = F.interpolate(depth, size=(H, W), mode="bilinear", align_corners=False)
+    depth = depth.unflatten(0, (B, Fr))
+    if cameras == "aligned":
+        extrinsics = alignment.align_cameras(video, depth[:, :, 0], intrinsics, init_w2c=extrinsics,
+                                             config=alignment_config or alignment.AlignmentConfig())
+    result = {"pose_enc": pose_enc, "extrinsics": extrinsics, "intrinsics": intrinsics,
+              "depth": depth[:, :, 0], "depth_conf": depth[:, :, 1]}
+    return {k: v[0] for k, v in result.items()} if unbatched else result
+
+
+# -----------------------------------------------------------------------------
+# the gate on the noise level, and the frames the teacher reads
+
+
+def teacher_weight(t, t_max=DEFAULTS.teacher_t_max, shape=DEFAULTS.teacher_gate):
     """Per-clip weight of the distillation losses at flow time t (B,): "linear" w(t) = max(0, 1 - t / t_max),
     "flat" w(t) = 1 for t < t_max, else 0. Clips of weight 0 are not shown to the teacher at all."""
     if not 0.0 < t_max <= 1.0:
@@ -109,7 +162,7 @@ def teacher_weight(t, t_max=TEACHER_T_MAX, shape=TEACHER_GATE):
     return (1 - t / t_max).clamp(min=0)
 
 
-def select_teacher_clips(weights, fraction=TEACHER_BATCH_FRACTION):
+def select_teacher_clips(weights, fraction=DEFAULTS.teacher_fraction):
     """Indices (n,) of the clips the teacher looks at this step: those of positive weight, at most
     ceil(fraction * B) of them, in batch order (the batch order is already random)."""
     if not 0.0 < fraction <= 1.0:
@@ -121,7 +174,10 @@ def select_teacher_clips(weights, fraction=TEACHER_BATCH_FRACTION):
 class LowPassGradient(torch.autograd.Function):
     """Identity in the forward pass; the backward pass blurs the incoming gradient of (..., C, H, W) frames with
     a Gaussian of width sigma (geometry.gaussian_blur). A filter on the signal the student receives, not the
-    gradient of any function: the teacher still reads the frames unchanged."""
+    gradient of any function: the teacher still reads the frames unchanged. Why: a network's input gradient
+    carries fine patterns that change its reading without being content; passed on whole, they are what the
+    student learns fastest (a mottled texture at the size of its patches), while the layout of a frame, which
+    is what the cameras move, passes a low-pass of a few pixels."""
 
     @staticmethod
     def forward(ctx, frames, sigma):
@@ -134,15 +190,11 @@ class LowPassGradient(torch.autograd.Function):
         return blurred.reshape(grad.shape), None
 
 
-def teacher_frames(x0_pred, gradient_sigma=TEACHER_GRADIENT_SIGMA, reference=None):
+def teacher_frames(x0_pred, gradient_sigma=DEFAULTS.teacher_gradient_sigma):
     """The predicted video as the teacher sees it: clamped to [0, 1] (it was trained on images) in the forward
     pass, with the gradient passed straight through, so a saturated pixel can still be pulled back, and
-    low-passed by gradient_sigma (LowPassGradient; 0 leaves it whole). reference (..., C, H, W) in [0, 1], if
-    given, replaces frame 0 (TEACHER_FRAME0 = "reference"); no gradient reaches x0_pred's frame 0 then."""
-    if reference is not None:
-        if reference.shape != x0_pred[..., 0, :, :, :].shape:
-            raise ValueError(f"reference {tuple(reference.shape)} does not match the frames of {tuple(x0_pred.shape)}")
-        x0_pred = torch.cat([reference.unsqueeze(-4).to(x0_pred.dtype), x0_pred[..., 1:, :, :, :]], dim=-4)
+    low-passed by gradient_sigma (LowPassGradient; 0 leaves it whole). The teacher reads x0_hat whole, frame 0
+    included, as the paper describes it."""
     if gradient_sigma < 0:
         raise ValueError(f"teacher gradient sigma must be >= 0, got {gradient_sigma}")
     if gradient_sigma > 0:
@@ -150,6 +202,10 @@ def teacher_frames(x0_pred, gradient_sigma=TEACHER_GRADIENT_SIGMA, reference=Non
             raise ValueError(f"a low-passed gradient needs frames (..., C, H, W), got {tuple(x0_pred.shape)}")
         x0_pred = LowPassGradient.apply(x0_pred, gradient_sigma)
     return x0_pred + (x0_pred.clamp(0, 1) - x0_pred).detach()
+
+
+# -----------------------------------------------------------------------------
+# L_traj and L_geo
 
 
 def scene_scale(depth):
@@ -193,7 +249,7 @@ def trajectory_loss(pred_w2c, pred_K, target_w2c, target_K, keyframe_mask, image
     return (error * weight).sum(-1) / weight.sum(-1).clamp(min=1)
 
 
-def span_pairs(num_frames, spans, gamma=GEO_GAMMA):
+def span_pairs(num_frames, spans, gamma=DEFAULTS.gamma):
     """The pairs (f, f + k), k in spans (those < num_frames), and their weights, as tensors of length P:
     first, second (frame indices), following (index of the pair (f + k, f + 2k), or -1 if it does not exist),
     depth_weight = lambda(k) exp(gamma k) / (pairs of span k), smooth_weight = lambda(k) exp(gamma k) /
@@ -228,10 +284,10 @@ def image_gradient_l1(frames):
     return (dx + dy).mean(dim=-3)
 
 
-def geometry_pairs(depth, w2c, K, frames, spans=GEO_SPANS, gamma=GEO_GAMMA, eta=GEO_ETA,
+def geometry_pairs(depth, w2c, K, frames, spans=DEFAULTS.spans, gamma=DEFAULTS.gamma, eta=DEFAULTS.eta,
                    scale_mode=GEO_SCALE_MODE):
     """The two terms of L_geo pair by pair, weighted: (depth term, smoothness term), each (B, P) over the pairs of
-    span_pairs; geometry_loss sums them. Kept apart so that a target can be compared pair by pair (GEO_EXCESS)."""
+    span_pairs; geometry_loss sums them. The part of L_geo that training compiles (training.make_geometry_pairs)."""
     B, num_frames, H, W = depth.shape
     first, second, following, depth_weight, smooth_weight = (
         x.to(depth.device) for x in span_pairs(num_frames, spans, gamma))
@@ -255,8 +311,8 @@ def geometry_pairs(depth, w2c, K, frames, spans=GEO_SPANS, gamma=GEO_GAMMA, eta=
     return per_pair * depth_weight, change * smooth_weight
 
 
-def geometry_loss(depth, w2c, K, frames, spans=GEO_SPANS, gamma=GEO_GAMMA, eta=GEO_ETA,
-                  scale_mode=GEO_SCALE_MODE, smoothness_weight=GEO_SMOOTHNESS_WEIGHT):
+def geometry_loss(depth, w2c, K, frames, spans=DEFAULTS.spans, gamma=DEFAULTS.gamma, eta=DEFAULTS.eta,
+                  scale_mode=GEO_SCALE_MODE, smoothness_weight=DEFAULTS.smoothness_weight):
     """Cross-frame consistency distillation for all pairs of a batch at once, per clip (B,):
 
         L_geo = sum_{f,k} lambda(k) w_{f,f+k} ( |D_hat_{f+k} - W(D_hat_f, dE_{f,f+k}, K_hat)|_1
@@ -279,28 +335,20 @@ def geometry_loss(depth, w2c, K, frames, spans=GEO_SPANS, gamma=GEO_GAMMA, eta=G
     constant-velocity camera (in its own frame) costs nothing. Weighted by lambda(k) exp(gamma k), averaged
     within a span.
 
-    No Python loop over pairs (index tensors and slices gather all pairs at once): train.py compiles it.
+    No Python loop over pairs (index tensors and slices gather all pairs at once): training compiles it.
     """
     depth_pairs, smooth_pairs = geometry_pairs(depth, w2c, K, frames, spans, gamma, eta, scale_mode)
     depth_term, smooth_term = depth_pairs.sum(-1), smooth_pairs.sum(-1)  # (B,)
     return depth_term + smoothness_weight * smooth_term, depth_term, smooth_term
 
 
-def geometry_excess(seen, real, smoothness_weight=GEO_SMOOTHNESS_WEIGHT, mode=GEO_EXCESS):
-    """L_geo with the teacher target: how much less consistent x0_hat is than x0. seen and real are geometry_pairs
-    of the two, (depth term, smoothness term) each (B, P) -> (B,). mode "pair": sum over pairs and
-    terms of max(0, seen - real); "clip" (GEO_EXCESS): max(0, L_geo(seen) - L_geo(real))."""
-    if mode == "pair":
-        return ((seen[0] - real[0]).clamp(min=0).sum(-1)
-                + smoothness_weight * (seen[1] - real[1]).clamp(min=0).sum(-1))
-    if mode == "clip":
-        total = lambda terms: terms[0].sum(-1) + smoothness_weight * terms[1].sum(-1)
-        return (total(seen) - total(real)).clamp(min=0)
-    raise ValueError(f"geo excess must be 'pair' or 'clip', got {mode!r}")
+# -----------------------------------------------------------------------------
+# the curriculum and L_total
 
 
-def curriculum_weights(step, total_steps, schedule="sigmoid", warmup=True, warmup_fraction=CURRICULUM_WARMUP,
-                       alpha_mid=CURRICULUM_ALPHA_MID, beta_mid=CURRICULUM_BETA_MID, width=CURRICULUM_WIDTH):
+def curriculum_weights(step, total_steps, schedule=DEFAULTS.schedule, warmup=DEFAULTS.warmup,
+                       warmup_fraction=DEFAULTS.warmup_fraction, alpha_mid=DEFAULTS.alpha_mid,
+                       beta_mid=DEFAULTS.beta_mid, width=DEFAULTS.schedule_width):
     """Coarse-to-fine curriculum -> (alpha, beta) python floats for
 
         L_total = L_diff + alpha(step) [(1 - beta(step)) L_traj + beta(step) L_geo]
@@ -334,8 +382,8 @@ def curriculum_weights(step, total_steps, schedule="sigmoid", warmup=True, warmu
     return alpha, ramp(beta_mid)
 
 
-def total_loss(loss_diff, loss_traj, loss_geo, alpha, beta, geo_gate="beta", traj_weight=TRAJ_WEIGHT,
-               geo_weight=GEO_WEIGHT):
+def total_loss(loss_diff, loss_traj, loss_geo, alpha, beta, geo_gate=DEFAULTS.geo_gate,
+               traj_weight=DEFAULTS.traj_weight, geo_weight=DEFAULTS.geo_weight):
     """L_total = L_diff + alpha [(1 - beta) w_traj L_traj + beta w_geo L_geo]   (geo_gate="beta", the default:
     L_geo waits for phase 3 as the paper's phases describe), or the printed
     L_diff + alpha [(1 - beta) w_traj L_traj + w_geo L_geo] (geo_gate="printed", L_geo on as soon as alpha is).
@@ -347,56 +395,50 @@ def total_loss(loss_diff, loss_traj, loss_geo, alpha, beta, geo_gate="beta", tra
 
 
 # -----------------------------------------------------------------------------
-# the teacher's reading of a training batch
+# the teacher on a training batch
 
 
-def distillation_losses(teacher_model, geometry_pairs, out, batch, keyframe_mask, args):
+def distillation_losses(teacher_model, geometry_pairs, out, batch, keyframe_mask, config=DEFAULTS):
     """The teacher's view of the predicted video -> {loss_traj, loss_geo, loss_geo_depth, loss_geo_smooth} and
     teacher_clips. Each loss is summed over the clips shown to the teacher and divided by the batch size, so a
-    distilled clip weighs what its own diffusion loss weighs.
+    distilled clip weighs what its own diffusion loss weighs. config: a DistillConfig.
 
     Clips pass the gate by their flow time (teacher_weight) and only if their camera was not dropped for
-    guidance (with no camera given there is no trajectory to follow), at most --teacher-fraction of the batch
-    (select_teacher_clips). The teacher sees x0_hat through teacher_frames and resizes it to its own patch
-    multiple (teacher.teacher_geometry); its parameters are frozen, the gradient flows through it to x0_hat,
-    low-passed by --teacher-gradient-sigma; with --teacher-frame0 reference its frame 0 is the
-    reference image the student was given, not x0_hat's copy of it.
-    With --distill-target teacher it also reads the real clip (no gradient) and that reading is the target:
-    L_traj between the two trajectories (at the keyframes, or with --traj-frames all at every frame), and L_geo
-    only by how much x0_hat is less consistent than x0 (pair by pair and term by term, or with --geo-excess clip
-    over the clip's sum). geometry_pairs is distill.geometry_pairs or its compiled form.
+    guidance (with no camera given there is no trajectory to follow), at most config.teacher_fraction of the
+    batch (select_teacher_clips). The teacher sees x0_hat through teacher_frames (its gradient low-passed by
+    config.teacher_gradient_sigma) and reads it with teacher_geometry; its parameters are frozen, the gradient
+    flows through it to x0_hat. With distill_target "teacher" it also reads the real clip (no gradient) and that
+    reading is the target: L_traj between the two trajectories at the keyframes, and L_geo only by how much x0_hat
+    is less consistent than x0, max(0, L_geo(x0_hat) - L_geo(x0)) of the clip's whole sum. With "truth", the true
+    keyframe poses and the plain L_geo, as printed. geometry_pairs is distill.geometry_pairs or its compiled form.
     """
     B = out["t"].shape[0]
-    weights = teacher_weight(out["t"], args.teacher_t_max, args.teacher_gate) * ~out["camera_drop"]
-    chosen = select_teacher_clips(weights, args.teacher_fraction)
+    weights = teacher_weight(out["t"], config.teacher_t_max, config.teacher_gate) * ~out["camera_drop"]
+    chosen = select_teacher_clips(weights, config.teacher_fraction)
     zero = out["loss"].new_zeros(())
     terms = {"loss_traj": zero, "loss_geo": zero, "loss_geo_depth": zero, "loss_geo_smooth": zero,
              "teacher_clips": chosen.numel()}
     if chosen.numel() == 0:
         return terms
     video, w2c, K = (batch[key][chosen] for key in ("video", "w2c", "K"))
-    reference = video[:, 0] if args.teacher_frame0 == "reference" else None
-    frames = teacher_frames(out["x0_pred"][chosen], args.teacher_gradient_sigma, reference)  # (n, F, 3, H, W)
-    geo_options = dict(spans=tuple(args.spans), gamma=args.gamma, eta=args.eta)
-    smoothness_weight = args.smoothness_weight
-    seen = teacher.teacher_geometry(teacher_model, frames, args.teacher_cameras, intrinsics=K)
+    frames = teacher_frames(out["x0_pred"][chosen], config.teacher_gradient_sigma)  # (n, F, 3, H, W)
+    geo_options = dict(spans=tuple(config.spans), gamma=config.gamma, eta=config.eta)
+    seen = teacher_geometry(teacher_model, frames, config.teacher_cameras, intrinsics=K)
     depth_pairs, smooth_pairs = geometry_pairs(seen["depth"], seen["extrinsics"], seen["intrinsics"], frames,
                                                **geo_options)
     geo_depth, geo_smooth = depth_pairs.sum(-1), smooth_pairs.sum(-1)
-    geo = geo_depth + smoothness_weight * geo_smooth
-    if args.distill_target == "teacher":
+    geo = geo_depth + config.smoothness_weight * geo_smooth
+    if config.distill_target == "teacher":
         with torch.no_grad():
-            real = teacher.teacher_geometry(teacher_model, video, args.teacher_cameras, intrinsics=K)
+            real = teacher_geometry(teacher_model, video, config.teacher_cameras, intrinsics=K)
             real_depth, real_smooth = geometry_pairs(real["depth"], real["extrinsics"], real["intrinsics"], video,
                                                      **geo_options)
         target_w2c, target_K, target_scale = real["extrinsics"], real["intrinsics"], scene_scale(real["depth"])
-        geo = geometry_excess((depth_pairs, smooth_pairs), (real_depth, real_smooth), smoothness_weight,
-                              args.geo_excess)
+        geo = (geo - (real_depth.sum(-1) + config.smoothness_weight * real_smooth.sum(-1))).clamp(min=0)
     else:
         target_w2c, target_K, target_scale = w2c, K, scene_scale(batch["depth"][chosen])
-    traj_mask = keyframe_mask[chosen] if args.traj_frames == "keyframes" else torch.ones_like(keyframe_mask[chosen])
-    traj = trajectory_loss(seen["extrinsics"], seen["intrinsics"], target_w2c, target_K, traj_mask,
-                           frames.shape[-2:], scene_scale(seen["depth"]), target_scale, args.traj_intrinsics)
+    traj = trajectory_loss(seen["extrinsics"], seen["intrinsics"], target_w2c, target_K, keyframe_mask[chosen],
+                           frames.shape[-2:], scene_scale(seen["depth"]), target_scale, config.traj_intrinsics)
     gate = weights[chosen]
     terms.update({name: (gate * value).sum() / B for name, value in
                   (("loss_traj", traj), ("loss_geo", geo), ("loss_geo_depth", geo_depth),

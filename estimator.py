@@ -7,7 +7,7 @@ the generated frame: Levenberg-Marquardt on a robust, colour-matched photometric
 blur levels (finite-difference Jacobians while blurred, forward-mode derivatives through the ray-caster at the
 sharp level), initialised from the previous frames, with the render blurred as much as the video's frame 0 is
 (calibrated where the pose is known). Frame 0 is the reference frame, whose pose is the given frame-0 keyframe,
-so it is fixed there. `python evaluate.py --validate` measures the estimator's own error (RESULTS.md).
+so it is fixed there. `python tools/validate_estimator.py` measures the estimator's own error (RESULTS.md).
 """
 from dataclasses import dataclass
 

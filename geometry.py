@@ -3,8 +3,9 @@
 Everything the other files need to talk about cameras lives here: quaternions, VGGT's pose
 encoding, relative poses and translation normalisation, Plücker ray embeddings (the student's
 camera conditioning), keyframe trajectory interpolation (the Linear / SLERP baselines), depth
-projection and warping with validity masks (the cross-frame consistency loss), camera metrics
-(RotErr / TransErr / CamMC) and image metrics (PSNR / SSIM).
+projection and warping with validity masks (the cross-frame consistency loss), co-visibility with the
+reference frame through true depth, camera metrics (RotErr / TransErr / CamMC) and image metrics
+(PSNR / SSIM, PSNR on a mask of pixels).
 
 Conventions (README.md, Conventions): OpenCV cameras (x right, y down, z forward); extrinsics are
 world->camera (w2c), c2w is their inverse; quaternions are XYZW with w >= 0; pixel (row i, col j)
@@ -30,6 +31,9 @@ TRANSLATION_EPS = 1e-8
 # SLERP falls back to normalised lerp when the quaternions are this close (|cos| above it):
 # sin(theta) -> 0 makes the SLERP weights 0/0 there, and lerp is exact to O(theta^2) anyway.
 SLERP_LERP_THRESHOLD = 0.9995
+# covisible_mask: a pixel is seen by the reference when the reference's own depth at its spot is within this fraction
+# of its depth there; bilinear depth within one surface errs by under 3% at 32 px, an occluder is nearer by more.
+COVISIBLE_DEPTH_TOLERANCE = 0.05
 # PSNR is capped by flooring the MSE, so identical images give a large finite number (100 dB).
 PSNR_MIN_MSE = 1e-10
 # SSIM constants of Wang et al. 2004 for images in [0, 1].
@@ -515,6 +519,26 @@ def depth_consistency_residual(depth_a, depth_b, K, T_a_to_b, scale_invariant=No
     return residual.reshape(*lead, H, W), valid.reshape(*lead, H, W)
 
 
+def covisible_mask(depth_frame, depth_reference, K, frame_to_reference, tolerance=COVISIBLE_DEPTH_TOLERANCE):
+    """Pixels of a frame that the reference frame also sees, from true depth (z) of both, (B, H, W) each; K
+    (B, 3, 3); frame_to_reference (B, 4, 4) = w2c_reference @ c2w_frame. Each pixel is unprojected with its depth,
+    moved into the reference camera and projected (project_depth -> uv, z). It is co-visible when uv lies in the
+    reference image, z > 0, and the reference's depth there agrees: |D_ref(uv) - z| <= tolerance * z (a nearer
+    D_ref(uv) is an occluder that hides the point from the reference). Returns (B, H, W) bool."""
+    H, W = depth_frame.shape[-2:]
+    uv, z = project_depth(depth_frame, K, frame_to_reference)
+    seen = sample_at(depth_reference[:, None], uv)[:, 0]  # the reference's own depth at uv
+    return (in_view(uv, H, W) & (z > DEPTH_EPS) & (depth_frame > DEPTH_EPS) & torch.isfinite(seen)
+            & ((seen - z).abs() <= tolerance * z))
+
+
+def reproject_reference(reference, depth_frame, K, frame_to_reference):
+    """The reference image (B, C, H, W) seen from a frame through the frame's true depth (B, H, W): bilinear at the
+    spots covisible_mask projects to (border repeated outside). On co-visible pixels, the best a video can do from
+    the reference alone."""
+    return sample_at(reference, project_depth(depth_frame, K, frame_to_reference)[0])
+
+
 # ----------------------------------------------------------------------------------------------
 # Camera metrics (CamI2V's definitions)
 
@@ -560,6 +584,15 @@ def psnr(a, b):
     _check_videos(a, b)
     mse = (a - b).pow(2).flatten(-3).mean(-1).clamp(min=PSNR_MIN_MSE)  # (...)
     return (10 * torch.log10(1 / mse)).mean()
+
+
+def masked_psnr(a, b, mask):
+    """PSNR in dB per frame over the pixels where mask is true: videos (..., C, H, W) in [0, 1], mask (..., H, W)
+    -> (...): 10 log10(1 / MSE), the MSE over the frame's masked pixels and all channels; NaN for an empty mask."""
+    _check_videos(a, b)
+    weight = mask[..., None, :, :].to(a.dtype).expand_as(a).flatten(-3)
+    mse = ((a - b).pow(2).flatten(-3) * weight).sum(-1) / weight.sum(-1)  # 0 / 0 = NaN where nothing is masked
+    return 10 * torch.log10(1 / mse.clamp(min=PSNR_MIN_MSE))
 
 
 def gaussian_blur(images, sigma):

@@ -4,7 +4,8 @@ intervals, and the pictures a study draws.
 evaluate.py runs the study (trains, samples, estimates, scores) and writes each video's scores to
 OUT/per_clip.csv; everything here works from those files, or from videos and camera paths already in memory,
 so the parts of a study that ran on different days or machines combine into one table without rerunning
-anything (python evaluate.py --combine PART.csv ... --out OUT).
+anything (python results.py combine PART.csv ... --out OUT). A module, not a program: the study and the check
+import it; results.py is the program that reads results back.
 """
 import csv
 import math
@@ -18,7 +19,10 @@ from PIL import Image, ImageDraw, ImageFont
 import data
 import geometry
 
-METRICS = ("RotErr", "TransErr", "CamMC", "PSNR", "SSIM")  # every video's scores, in per_clip.csv's order
+# every video's scores, in per_clip.csv's order; PSNR_covisible: PSNR on the pixels each frame shares with the
+# reference (evaluation.covisible_psnr)
+METRICS = ("RotErr", "TransErr", "CamMC", "PSNR", "SSIM", "PSNR_covisible")
+OPTIONAL_METRICS = ("PSNR_covisible",)  # absent from older per_clip.csv files: read as missing (NaN)
 
 # ----------------------------------------------------------------------------------------------
 # Per-clip results and paired differences
@@ -39,21 +43,27 @@ def read_per_clip(paths, notes=None):
     for path in paths:
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
-                missing = set(PER_CLIP_COLUMNS) - row.keys()
+                missing = set(PER_CLIP_COLUMNS) - set(OPTIONAL_METRICS) - row.keys()
                 if missing:
                     raise ValueError(f"{path}: not a per-clip results file (missing columns {sorted(missing)})")
                 key = (row["run"], row["train_seed"], row["clip_seed"])
-                values = [float(row[name]) for name in METRICS]
+                values = np.array([float(row.get(name) or "nan") for name in METRICS])
                 if key in seen:
                     first_path, first = seen[key]
-                    if not np.allclose(first[3:], values[3:], rtol=1e-5, atol=1e-6):  # PSNR, SSIM
+                    image = slice(3, None)  # PSNR, SSIM, PSNR_covisible: the same video, the same on any machine
+                    both = ~np.isnan(first[image]) & ~np.isnan(values[image])  # a column one file lacks: no test
+                    if not np.allclose(first[image][both], values[image][both], rtol=1e-5, atol=1e-6):
                         raise ValueError(f"run {key[0]}, training seed {key[1]}, clip {key[2]} is in {first_path} "
                                          f"and in {path} with different scores")
-                    camera_differences.append(np.abs(np.subtract(first[:3], values[:3])))
+                    camera_differences.append(np.abs(first[:3] - values[:3]))
+                    first[np.isnan(first)] = values[np.isnan(first)]  # what the first file lacks, the other gives
                     continue
+                record = {**row, "train_seed": int(row["train_seed"]), "clip_seed": int(row["clip_seed"]),
+                          "sample_s": float(row["sample_s"])}
                 seen[key] = (path, values)
-                records.append({**row, "train_seed": int(row["train_seed"]), "clip_seed": int(row["clip_seed"]),
-                                **dict(zip(METRICS, values)), "sample_s": float(row["sample_s"])})
+                records.append(record)
+    for record, (_, values) in zip(records, seen.values()):  # filled in place above, so read them last
+        record.update(zip(METRICS, values.tolist()))
     if notes is not None and camera_differences:
         largest, changed = np.max(camera_differences, axis=0), sum(d.any() for d in camera_differences)
         note = f"{len(camera_differences)} videos were scored in two parts, the same image scores in both; "
@@ -65,6 +75,17 @@ def read_per_clip(paths, notes=None):
             note += "the camera scores agree too."
         notes.append(note)
     return records
+
+
+def known(values):
+    """The values that are not missing (NaN: a score an older per_clip.csv does not have), as an array."""
+    values = np.array(values, dtype=np.float64)
+    return values[~np.isnan(values)]
+
+
+def statistic(function, values):
+    """function(values) as a float, NaN for no values (instead of numpy's warning)."""
+    return float(function(values)) if len(values) else float("nan")
 
 
 def table_rows(records, method_order=()):
@@ -87,11 +108,12 @@ def table_rows(records, method_order=()):
         row = {"method": method, "keyframes": keyframes, "clips": len({r["clip_seed"] for r in group}),
                "seeds": len(seeds), "sample_s_per_video": float(np.mean([r["sample_s"] for r in group]))}
         for name in METRICS:
-            values = np.array([r[name] for r in group])
-            per_seed = [np.mean([r[name] for r in group if r["train_seed"] == s]) for s in seeds]
-            row[name], row[f"{name}_median"] = float(values.mean()), float(np.median(values))
-            row[f"{name}_std_clips"] = float(values.std())
-            row[f"{name}_std_seeds"] = float(np.std(per_seed)) if len(seeds) > 1 else float("nan")
+            values = known([r[name] for r in group])
+            per_seed = known([statistic(np.mean, known([r[name] for r in group if r["train_seed"] == s]))
+                              for s in seeds])
+            row[name], row[f"{name}_median"] = statistic(np.mean, values), statistic(np.median, values)
+            row[f"{name}_std_clips"] = statistic(np.std, values)
+            row[f"{name}_std_seeds"] = statistic(np.std, per_seed) if len(per_seed) > 1 else float("nan")
         rows.append(row)
     return rows
 
@@ -99,7 +121,8 @@ def table_rows(records, method_order=()):
 def paired_differences(records, method="CamGeo", baseline="Sparse", metrics=METRICS):
     """method - baseline per (training seed, clip) pair, at every keyframe ratio both were run at, with a
     bootstrap 95% interval of the mean (clips resampled with replacement, all seeds of a clip kept together, so
-    the interval covers which clips were drawn), for each of `metrics`. Returns Markdown lines."""
+    the interval covers which clips were drawn), for each of `metrics`, over the clips where both have it ('—'
+    where none has). Returns Markdown lines."""
     by_key = {(r["method"], r["keyframes"], r["train_seed"], r["clip_seed"]): r for r in records}
     lines = [f"| {method} − {baseline} | keyframes | pairs | " + " | ".join(metrics) + " |",
              "|---" * (len(metrics) + 3) + "|"]
@@ -109,12 +132,16 @@ def paired_differences(records, method="CamGeo", baseline="Sparse", metrics=METR
         if not pairs:
             continue
         clips = sorted({a["clip_seed"] for a, _ in pairs})
-        rng = np.random.default_rng(BOOTSTRAP_SEED)
-        draws = rng.integers(0, len(clips), size=(BOOTSTRAP_RESAMPLES, len(clips)))
         cells = []
         for name in metrics:
             # per clip: the difference averaged over training seeds; the mean over clips is then bootstrapped
-            per_clip = np.array([np.mean([a[name] - b[name] for a, b in pairs if a["clip_seed"] == c]) for c in clips])
+            per_clip = known([statistic(np.mean, known([a[name] - b[name] for a, b in pairs
+                                                         if a["clip_seed"] == c])) for c in clips])
+            if not len(per_clip):
+                cells.append("—")
+                continue
+            rng = np.random.default_rng(BOOTSTRAP_SEED)
+            draws = rng.integers(0, len(per_clip), size=(BOOTSTRAP_RESAMPLES, len(per_clip)))
             low, high = np.percentile(per_clip[draws].mean(axis=1), [2.5, 97.5])
             cells.append(f"{per_clip.mean():+.3f} [{low:+.3f}, {high:+.3f}]")
         lines.append(f"| | {keyframes} | {len(pairs)} | " + " | ".join(cells) + " |")
@@ -155,12 +182,15 @@ def write_tables(rows, out_dir, notes, differences=()):
         writer.writeheader()
         for row in rows:
             writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    arrows = {"RotErr": "↓", "TransErr": "↓", "CamMC": "↓", "PSNR": "↑", "SSIM": "↑"}
+    arrows = {"RotErr": "↓", "TransErr": "↓", "CamMC": "↓", "PSNR": "↑", "SSIM": "↑", "PSNR_covisible": "↑"}
     lines = ["| method | keyframes | " + " | ".join(f"{m} {arrows[m]}" for m in METRICS) + " | sampling s/video |",
              "|---" * (len(METRICS) + 3) + "|"]
     for row in rows:
         cells = []
         for name in METRICS:
+            if math.isnan(row[name]):  # a score the per-clip files do not have
+                cells.append("—")
+                continue
             cell = f"{row[name]:.3f} ± {row[name + '_std_clips']:.3f} ({row[name + '_median']:.3f})"
             if not math.isnan(row[name + "_std_seeds"]):
                 cell += f" (seeds ± {row[name + '_std_seeds']:.3f})"
@@ -169,7 +199,7 @@ def write_tables(rows, out_dir, notes, differences=()):
         lines.append(f"| {row['method']} | {row['keyframes']} | " + " | ".join(cells) + f" | {seconds} |")
     if differences:
         lines += ["", "Paired differences, mean over clips [bootstrap 95% interval]; negative is better for RotErr, "
-                  "TransErr and CamMC, positive for PSNR and SSIM:", "", *differences]
+                  "TransErr and CamMC, positive for the PSNRs and SSIM:", "", *differences]
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write("\n".join(notes + [""] + lines) + "\n")
 

@@ -3,7 +3,6 @@
     python sample.py examples/reference.png examples/dolly_in.json            # -> samples/
     python sample.py img.png cameras.txt --keyframes 0.5                       # a RealEstate10K camera file
     python sample.py img.png poses.json --ckpt out/sparse/ckpt.safetensors --prompt "a room" --cfg 2 --seed 1
-    python sample.py --make-examples                                           # rewrite examples/
 
 Writes into --out (default samples/): frame_00.png ... (the frames at the model's resolution), video.gif and
 strip.png (all frames side by side), both enlarged --upscale times with nearest-neighbour pixels.
@@ -25,7 +24,7 @@ keyframe's; with none at all, DEFAULT_FOV_DEG. Only relative motion matters: pos
 num_frames frames evenly spaced over the file become keyframes (all of them, or --keyframes RATIO of them).
 
 Bad input (unreadable or malformed files, bad poses, a missing checkpoint) ends with a one-line error and
-exit code 2.
+exit code 2. The files in examples/ are written by tools/examples.py.
 """
 import argparse
 import json
@@ -40,6 +39,7 @@ from PIL import Image
 import camgeo
 import data
 import geometry
+import re10k
 
 DEFAULT_CKPT = os.path.join("assets", "student.safetensors")
 GIF_FRAME_MS = 150
@@ -175,7 +175,7 @@ def assemble(num_frames, poses, intrinsics, prompt):
 def parse_re10k(path, num_frames, keyframe_ratio):
     """RealEstate10K camera file -> the same dict: num_frames frames evenly spaced over the file."""
     try:
-        cameras = data.read_re10k_cameras(path)
+        cameras = re10k.read_re10k_cameras(path)
     except FileNotFoundError:
         raise InputError(f"poses file not found: {path}")
     except (OSError, ValueError) as error:  # the reader's ValueError already names the file and line
@@ -291,75 +291,24 @@ def save_video(video, out_dir, upscale):
     strip.save(os.path.join(out_dir, "strip.png"))
 
 
-def make_examples(folder, num_frames=8, size=64, keyframe_ratio=0.5, seed=None):
-    """examples/: a rendered reference frame of a held-out clip and three hand-made camera paths, with poses at
-    the keyframes train.py gives at --sparse 0.5 (evenly spaced, ratio 1/2)."""
-    seed = data.SPLIT_SEEDS["test"][0] + 5 if seed is None else seed  # a room corner and objects in view
-    clip = data.render_clip(seed, num_frames, size, size)
-    os.makedirs(folder, exist_ok=True)
-    Image.fromarray(data.frames_to_uint8(clip["video"][:1])[0]).save(
-        os.path.join(folder, "reference.png"))
-    fov_deg = math.degrees(2 * math.atan((size / 2) / float(clip["K"][0, 0])))
-
-    def yaw(angle):  # camera-to-world rotation turning about the (down-pointing) y axis; negative looks left
-        c, s = math.cos(angle), math.sin(angle)
-        return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
-
-    def path(name, c2w_at):
-        keyframes = []
-        for frame in camgeo.keyframe_indices(num_frames, keyframe_ratio).tolist():
-            s = frame / (num_frames - 1)
-            eased = 0.5 * s + 0.5 * s * s * (3 - 2 * s)  # speed up and slow down, as the synthetic paths do
-            w2c = np.linalg.inv(c2w_at(eased))
-            entry = {"frame": frame, "rotation": np.round(w2c[:3, :3], 6).tolist(),
-                     "translation": np.round(w2c[:3, 3], 6).tolist()}
-            if name == "orbit":  # show the other rotation format: an XYZW quaternion
-                quat = geometry.mat_to_quat(torch.tensor(w2c[:3, :3]))
-                entry["rotation"] = np.round(quat.numpy(), 6).tolist()
-            if frame == 0:
-                entry["intrinsics"] = {"fov_deg": round(fov_deg, 3)}
-            keyframes.append(entry)
-        lines = ",\n  ".join(json.dumps(entry) for entry in keyframes)  # one keyframe a line: easy to edit
-        with open(os.path.join(folder, name + ".json"), "w") as f:
-            f.write(f'{{"num_frames": {num_frames}, "convention": "w2c", "prompt": {json.dumps(clip["prompt"])},\n'
-                    f' "keyframes": [\n  {lines}]}}\n')
-
-    def c2w(rotation, centre):
-        pose = np.eye(4)
-        pose[:3, :3], pose[:3, 3] = rotation, centre
-        return pose
-
-    radius = 1.5  # orbit around a point this far in front of the first camera
-    path("dolly_in", lambda s: c2w(np.eye(3), [0, 0, 1.0 * s]))
-    path("pan_left", lambda s: c2w(yaw(-math.radians(35) * s), [0, 0, 0]))
-    path("orbit", lambda s: c2w(yaw(math.radians(35) * s),
-                                [-radius * math.sin(math.radians(35) * s), 0,
-                                 radius - radius * math.cos(math.radians(35) * s)]))
-    print(f"wrote {folder}/reference.png (test clip seed {seed}) and dolly_in.json, pan_left.json, orbit.json")
-
-
 # -----------------------------------------------------------------------------
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("image", nargs="?")
-    parser.add_argument("poses", nargs="?", help="poses.json or a RealEstate10K camera .txt")
+    parser.add_argument("image")
+    parser.add_argument("poses", help="poses.json or a RealEstate10K camera .txt")
     parser.add_argument("--ckpt", default=DEFAULT_CKPT)
     parser.add_argument("--prompt", help="overrides the prompt in poses.json")
     parser.add_argument("--steps", type=int, default=25, help="Euler steps")
-    # 1, not 2: the shipped student's samples are closer to the true clips without guidance (evaluate.py --check,
-    # README: 19.51 dB at guidance 1, 18.92 at guidance 2), and so were the earlier students'
+    # 1, not 2: the shipped student's samples are closer to the true clips without guidance (check.py measures it)
     parser.add_argument("--cfg", type=float, default=1.0, help="guidance scale on text + camera (1: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="samples")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--keyframes", type=float, metavar="RATIO", help="for .txt files: give only this fraction")
     parser.add_argument("--upscale", type=int, default=4, help="enlargement of video.gif and strip.png")
-    parser.add_argument("--make-examples", nargs="?", const="examples", metavar="FOLDER")
     args = parser.parse_args(argv)
-    if args.make_examples is None and (args.image is None or args.poses is None):
-        parser.error("give an image and a poses file (or --make-examples)")
     if args.steps < 1 or args.upscale < 1:
         parser.error("--steps and --upscale must be >= 1")
     if args.keyframes is not None and not 0 < args.keyframes <= 1:
@@ -369,9 +318,6 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.make_examples is not None:
-        make_examples(args.make_examples)
-        return
     model, info = load_student(args.ckpt, args.device)
     config = info["config"]
     poses = load_poses(args.poses, config.num_frames, args.keyframes)

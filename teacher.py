@@ -2,7 +2,8 @@
 
 VGGT (Wang et al., CVPR 2025) reads a set of frames and returns, per frame, a camera (pose encoding
 absT_quaR_FoV), a depth map and a point map, each with a confidence. CamGeo only ever runs it frozen,
-on the video its denoiser predicts, inside the training losses; sampling never imports this file.
+on the video its denoiser predicts, inside the training losses; how CamGeo reads it (cameras, depth at the
+student's resolution) is distill.teacher_geometry. Sampling never imports this file.
 
 Read top to bottom:
   1. `VGGTConfig` and the presets `VGGT_1B` (the released checkpoint) and `SMALL_TEACHER` (ours).
@@ -10,8 +11,7 @@ Read top to bottom:
      embeddings (a strided conv, or DINOv2 with registers).
   3. `Aggregator`: alternating frame-wise / global attention over all frames' tokens.
   4. `CameraHead` (iterative refinement of the pose encoding) and `DPTHead` (depth and points).
-  5. `VGGT`, `freeze`, `teacher_geometry` (what train.py's distillation calls), `load_vggt`,
-     `save_teacher`.
+  5. `VGGT`, `freeze`, `teacher_input_size`, `load_vggt`, `save_teacher`.
 The small teacher is trained and evaluated by train_teacher.py.
 
 Module and parameter names follow the official implementation (facebookresearch/vggt) so that its
@@ -27,8 +27,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import alignment
-import geometry
 
 # -----------------------------------------------------------------------------
 # Config and presets
@@ -534,73 +532,6 @@ def teacher_input_size(config, height, width):
     p = config.patch_size
     teacher_height = max(p, round(height * config.img_size / width / p) * p)
     return teacher_height, (config.img_size // p) * p
-
-
-# The head's fields of view are clamped to this range before its cameras are used: the FoV output has a ReLU
-# floor, and a FoV of 0 is an infinite focal length that turns every projection into NaN (blurry frames early
-# in a student's training do get such readings). The range is far wider than any real camera's.
-FOV_RANGE_DEG = (10.0, 150.0)
-CAMERA_SOURCES = ("head", "aligned")
-
-
-def default_cameras(config):
-    """Where a teacher's cameras come from unless told otherwise: the released VGGT (DINOv2 patch embedding)
-    has an accurate camera head; a teacher trained from scratch on a CPU has not (RESULTS.md), and its
-    cameras come from aligning the frames through its own depth (alignment.py)."""
-    return "head" if config.patch_embed == "dinov2" else "aligned"
-
-
-def teacher_geometry(model, video, cameras=None, intrinsics=None, alignment_config=None):
-    """Run the teacher on frames of any size and return geometry in the input's pixels.
-
-    video (B, F, 3, H, W) or (F, 3, H, W) in [0, 1] -> dict (batch dims as given):
-      pose_enc (B, F, 9) (the head's, FoV clamped), extrinsics (B, F, 4, 4) w2c relative to frame 0 (teacher's
-      own scale),
-      intrinsics (B, F, 3, 3) in pixels of H x W, depth (B, F, H, W), depth_conf (B, F, H, W).
-    cameras: "head" (the camera head, FoV clamped to FOV_RANGE_DEG), "aligned" (alignment.align_cameras:
-    direct alignment of consecutive frames through the teacher's depth, started from the head's cameras; VGGT's
-    authors refine the head the same way, by bundle adjustment on its depth), or None for default_cameras.
-    intrinsics (B, 3, 3) or (B, F, 3, 3): known intrinsics in pixels of H x W, used instead of the head's.
-    Differentiable w.r.t. the video, through the aligned cameras too.
-    """
-    if video.dim() not in (4, 5) or video.shape[-3] != 3:
-        raise ValueError(f"teacher_geometry expects video (B, F, 3, H, W) or (F, 3, H, W), got {tuple(video.shape)}")
-    cameras = cameras or default_cameras(model.config)
-    if cameras not in CAMERA_SOURCES:
-        raise ValueError(f"cameras must be one of {CAMERA_SOURCES}, got {cameras!r}")
-    unbatched = video.dim() == 4
-    if unbatched:
-        video = video.unsqueeze(0)
-        intrinsics = None if intrinsics is None else intrinsics.unsqueeze(0)
-    B, Fr, _, H, W = video.shape
-    size = teacher_input_size(model.config, H, W)
-    frames = video.flatten(0, 1)
-    if size != (H, W):
-        frames = F.interpolate(frames, size=size, mode="bilinear", align_corners=False, antialias=True)
-    out = model(frames.unflatten(0, (B, Fr)), point_maps=False)
-    # The encoding holds fields of view, not focal lengths: decoding it at H x W directly gives
-    # the intrinsics of the (stretched) input frames.
-    low, high = (math.radians(d) for d in FOV_RANGE_DEG)
-    pose_enc = torch.cat([out["pose_enc"][..., :7], out["pose_enc"][..., 7:].clamp(low, high)], dim=-1)
-    extrinsics, head_intrinsics = geometry.pose_encoding_to_extri_intri(pose_enc, (H, W))
-    extrinsics = geometry.to_homogeneous(extrinsics)
-    if intrinsics is None:
-        intrinsics = head_intrinsics
-    elif intrinsics.shape[-2:] != (3, 3) or intrinsics.shape[0] != B or intrinsics.dim() not in (3, 4):
-        raise ValueError(f"intrinsics must be (B, 3, 3) or (B, F, 3, 3) for B = {B}, got {tuple(intrinsics.shape)}")
-    else:
-        per_frame = intrinsics if intrinsics.dim() == 4 else intrinsics[:, None]
-        intrinsics = per_frame.to(video.dtype).expand(B, Fr, 3, 3)
-    depth = torch.stack([out["depth"][..., 0], out["depth_conf"]], dim=2).flatten(0, 1)  # (B*F, 2, h, w)
-    if size != (H, W):
-        depth = F.interpolate(depth, size=(H, W), mode="bilinear", align_corners=False)
-    depth = depth.unflatten(0, (B, Fr))
-    if cameras == "aligned":
-        extrinsics = alignment.align_cameras(video, depth[:, :, 0], intrinsics, init_w2c=extrinsics,
-                                             config=alignment_config or alignment.AlignmentConfig())
-    result = {"pose_enc": pose_enc, "extrinsics": extrinsics, "intrinsics": intrinsics,
-              "depth": depth[:, :, 0], "depth_conf": depth[:, :, 1]}
-    return {k: v[0] for k, v in result.items()} if unbatched else result
 
 
 # -----------------------------------------------------------------------------

@@ -3,8 +3,8 @@ on the synthetic world of data.py with VGGT's losses, so that CamGeo has a teach
 
     python train_teacher.py --out assets/teacher_small.safetensors --half   # the shipped file (see RESULTS.md)
     python train_teacher.py --eval assets/teacher_small.safetensors         # its accuracy on held-out clips
-    python train_teacher.py --pull assets/teacher_small.safetensors         # how hard each distillation term
-                                                                            # pulls on each frame
+
+How hard each distillation term pulls on each frame through a teacher: tools/teacher_pull.py.
 
 Targets are expressed as VGGT expects them (vggt_targets): cameras relative to frame 0, lengths divided by the
 mean distance of the scene points from camera 0. Losses are VGGT's: L1 on the pose encoding over every
@@ -18,7 +18,8 @@ import torch
 
 import data
 import geometry
-from teacher import SMALL_TEACHER, VGGT, freeze, load_vggt, save_teacher, teacher_geometry
+from distill import teacher_geometry
+from teacher import SMALL_TEACHER, VGGT, freeze, load_vggt, save_teacher
 
 CAMERA_LOSS_GAMMA = 0.6   # iteration i of n weighs gamma^(n-1-i): the last refinement counts most (VGGT)
 FOV_LOSS_WEIGHT = 0.5     # VGGT weighs the field-of-view error half as much as T and the quaternion
@@ -229,68 +230,12 @@ def eval_table(model, clips, student=None):
     return "\n".join(lines)
 
 
-def frame_pulls(model, clips, frames, frame0, gradient_sigma=None, ratio=0.5, batch_size=16):
-    """How hard each distillation term pulls on each frame: the mean over clips of the norm of the gradient that
-    L_traj and L_geo's depth and smoothness terms send to each frame the teacher reads, computed as train.py's
-    defaults compute them (teacher-consistent target, keyframes at `ratio`, aligned cameras, the gradient
-    low-passed by gradient_sigma pixels, None: distill.TEACHER_GRADIENT_SIGMA). frames(video, batch, start)
-    gives what the teacher reads in place of the real clip (degraded_frames, student_predictions); frame0
-    "reference" gives it the real frame 0 instead (distill.TEACHER_FRAME0). -> {term: (F,) tensor}."""
-    import camgeo
-    import distill
-    model = freeze(model)
-    sigma = distill.TEACHER_GRADIENT_SIGMA if gradient_sigma is None else gradient_sigma
-    sums, count = {}, 0
-    for start in range(0, clips["video"].shape[0], batch_size):
-        batch = {k: v[start:start + batch_size] for k, v in clips.items()}
-        video = batch["video"].float() / 255
-        B, Fr = video.shape[:2]
-        read = frames(video, batch, start).requires_grad_(True)
-        seen_frames = distill.teacher_frames(read, sigma, reference=video[:, 0] if frame0 == "reference" else None)
-        seen = teacher_geometry(model, seen_frames, "aligned", intrinsics=batch["K"])
-        with torch.no_grad():
-            real = teacher_geometry(model, video, "aligned", intrinsics=batch["K"])
-        _, depth_term, smooth_term = distill.geometry_loss(seen["depth"], seen["extrinsics"], seen["intrinsics"],
-                                                           seen_frames)
-        keyframes = torch.zeros(B, Fr, dtype=torch.bool)
-        keyframes[:, camgeo.keyframe_indices(Fr, ratio)] = True
-        traj = distill.trajectory_loss(seen["extrinsics"], seen["intrinsics"], real["extrinsics"],
-                                       real["intrinsics"], keyframes, video.shape[-2:],
-                                       distill.scene_scale(seen["depth"]), distill.scene_scale(real["depth"]))
-        for name, term in (("L_traj", traj), ("L_geo depth", depth_term), ("L_geo smoothness", smooth_term)):
-            grad, = torch.autograd.grad(term.sum(), read, retain_graph=True)
-            sums[name] = sums.get(name, 0) + grad.flatten(2).norm(dim=-1).sum(0)
-        count += B
-    return {name: total / count for name, total in sums.items()}
-
-
-def pull_table(model, clips, student=None, gradient_sigma=None):
-    """Markdown: frame_pulls on degraded clips (and a student's x0_hat at STUDENT_TIMES), the teacher's frame 0
-    read from the frames themselves and from the reference."""
-    num_frames = clips["video"].shape[1]
-    lines = [f"| frames read ({clips['video'].shape[0]} test clips) | teacher's frame 0 | term | "
-             + " | ".join(f"frame {f}" for f in range(num_frames)) + " |", "|---" * (num_frames + 3) + "|"]
-    conditions = {"degraded": degraded_frames}
-    if student:
-        conditions.update({f"student x0_hat, t = {t}": student_predictions(student, t) for t in STUDENT_TIMES})
-    for condition, frames in conditions.items():
-        for frame0 in ("predicted", "reference"):
-            for term, per_frame in frame_pulls(model, clips, frames, frame0, gradient_sigma).items():
-                lines.append(f"| {condition} | {frame0} | {term} | "
-                             + " | ".join(f"{v:.4f}" for v in per_frame.tolist()) + " |")
-    return "\n".join(lines)
-
-
 def main():
     parser = argparse.ArgumentParser(description="Train the small VGGT teacher on synthetic clips (the default), "
                                                  "or evaluate a teacher checkpoint (--eval).")
     parser.add_argument("--eval", metavar="CHECKPOINT", help="evaluate a teacher checkpoint on the test split")
-    parser.add_argument("--pull", metavar="CHECKPOINT",
-                        help="per-frame gradient norm of each distillation term through this teacher (pull_table)")
-    parser.add_argument("--gradient-sigma", type=float,
-                        help="--pull: the low-pass of the teacher's gradient, in pixels (default: train.py's)")
     parser.add_argument("--student", metavar="CKPT",
-                        help="--eval, --pull: also on this student's predictions x0_hat at t = 0.2 and 0.4 (what the teacher "
+                        help="--eval: also on this student's predictions x0_hat at t = 0.2 and 0.4 (what the teacher "
                              "reads in training)")
     parser.add_argument("--out", default="teacher_small.safetensors", help="where training writes the teacher")
     parser.add_argument("--steps", type=int, default=2000)
@@ -310,10 +255,6 @@ def main():
         model = load_vggt(args.eval)
         clips = render_split("test", args.eval_clips, args.frames, model.config.img_size)
         print(eval_table(model, clips, args.student))
-    elif args.pull:
-        model = load_vggt(args.pull)
-        clips = render_split("test", args.eval_clips, args.frames, model.config.img_size)
-        print(pull_table(model, clips, args.student, args.gradient_sigma))
     else:
         started = time.time()
         train_small_teacher(args)

@@ -94,11 +94,12 @@ def test_recovers_ground_truth_poses_with_ground_truth_depth(clips):
 
 
 def test_recovers_poses_with_small_teacher_depth(clips):
+    import distill
     import teacher
 
     model = teacher.freeze(teacher.load_vggt("assets/teacher_small.safetensors"))
     with torch.no_grad():
-        depth = teacher.teacher_geometry(model, clips["video"])["depth"]  # the teacher's own scale
+        depth = distill.teacher_geometry(model, clips["video"])["depth"]  # the teacher's own scale
         w2c = align_cameras(clips["video"], depth, clips["K"])
     rotation, direction = pose_errors(w2c, clips["w2c"], clips["K"], clips["depth"])
     baseline, _ = pose_errors(torch.eye(4).expand_as(w2c), clips["w2c"], clips["K"], clips["depth"])

@@ -1,4 +1,5 @@
-"""The student model (camgeo.py): shapes, adaLN-Zero, conditioning, CFG dropout, rectified flow, sampler."""
+"""The student model (camgeo.py): shapes, adaLN-Zero, conditioning (keyframes, each method's camera inputs), CFG
+dropout, rectified flow, sampler."""
 
 import pytest
 import torch
@@ -59,13 +60,6 @@ def test_preset_model_denoises_a_clip_of_its_own_size(name):
     with torch.no_grad():
         x0_hat = model(x_t, torch.tensor([0.5]), x_t[:, 0], ["a room"], camera)
     assert x0_hat.shape == x_t.shape and torch.isfinite(x0_hat).all()
-
-
-def test_gpu_preset_is_the_larger_model_for_longer_larger_clips():
-    cpu, gpu = camgeo.PRESETS["cpu"], camgeo.PRESETS["gpu"]
-    assert gpu.num_frames > cpu.num_frames and gpu.image_size > cpu.image_size
-    with torch.device("meta"):
-        assert camgeo.CamGeo(gpu).num_params() > 10 * camgeo.CamGeo(cpu).num_params()
 
 
 def test_adaln_zero_makes_every_block_identity_at_init():
@@ -437,3 +431,75 @@ def test_depth_agreement_is_zero_on_the_plane_holding_the_surface_the_reference_
     costs = camgeo.depth_agreement(torch.full((1, size, size), rho), camera)  # (1, 2, D, H, W)
     centre = costs[0, 1, :, size // 2, size // 2]
     assert centre[3] < 1e-5 and (centre[torch.arange(camgeo.NUM_PLANES) != 3] > 0.05).all()
+
+
+# -----------------------------------------------------------------------------
+# keyframes and the camera inputs of each method
+
+
+def two_clips(num_frames=8, size=16):
+    """Two synthetic clips stacked as a training batch: w2c (2, F, 4, 4), K (2, 3, 3)."""
+    clips = [data.render_clip(seed, num_frames, size, size) for seed in (0, 1)]
+    return {key: torch.stack([clip[key] for clip in clips]) for key in ("w2c", "K")}
+
+
+@pytest.mark.parametrize("num_frames", [4, 5, 8, 13, 16, 25])
+@pytest.mark.parametrize("ratio", [1 / 2, 1 / 3, 1 / 4])
+def test_keyframe_indices_include_first_and_last_sorted_unique_with_stated_count(num_frames, ratio):
+    index = camgeo.keyframe_indices(num_frames, ratio)
+    assert index[0] == 0 and index[-1] == num_frames - 1
+    assert torch.equal(index, torch.unique(index))  # sorted and unique
+    assert len(index) == max(2, round(ratio * num_frames))
+
+
+def test_keyframe_indices_are_evenly_spaced():
+    assert camgeo.keyframe_indices(9, 1 / 3).tolist() == [0, 4, 8]
+    gaps = torch.diff(camgeo.keyframe_indices(16, 1 / 4))
+    assert gaps.max() - gaps.min() <= 1
+
+
+def test_keyframe_indices_reject_bad_ratio():
+    with pytest.raises(ValueError, match="ratio"):
+        camgeo.keyframe_indices(8, 0.0)
+
+
+def test_random_keyframes_have_frame_zero_and_the_stated_count():
+    mask = camgeo.random_keyframe_mask(64, 8, 0.5, torch.Generator().manual_seed(0))
+    assert torch.all(mask[:, 0] == 1) and torch.all(mask.sum(1) == 4)
+    assert len({tuple(row.tolist()) for row in mask}) > 1  # differ per sample
+
+
+@pytest.mark.parametrize("method", ["linear", "slerp"])
+def test_interpolated_poses_equal_ground_truth_at_keyframes(method):
+    clips = two_clips()
+    _, keyframe_mask, w2c_used = camgeo.camera_inputs(clips["w2c"], clips["K"], method, 1 / 3, height=16, width=16)
+    keyframes = keyframe_mask[0].bool()
+    assert torch.allclose(w2c_used[:, keyframes], clips["w2c"][:, keyframes], atol=1e-5)
+    assert not torch.allclose(w2c_used[:, ~keyframes], clips["w2c"][:, ~keyframes], atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["linear", "slerp"])
+def test_interpolated_conditioning_equals_sparse_conditioning_at_keyframes_and_is_all_given(method):
+    clips = two_clips()
+    sparse, mask, _ = camgeo.camera_inputs(clips["w2c"], clips["K"], "sparse", 1 / 3, height=16, width=16)
+    filled, _, _ = camgeo.camera_inputs(clips["w2c"], clips["K"], method, 1 / 3, height=16, width=16)
+    keyframes = mask[0].bool()
+    assert torch.allclose(filled[:, keyframes], sparse[:, keyframes], atol=1e-4)
+    assert torch.all(filled[:, :, -1] == 1)  # the mask channel (last): interpolated poses are given as if known
+
+
+def test_sparse_conditioning_tells_no_pose_away_from_keyframes():
+    clips = two_clips()
+    camera, mask, _ = camgeo.camera_inputs(clips["w2c"], clips["K"], "sparse", 1 / 2, height=16, width=16)
+    missing = camera[:, ~mask[0].bool()]
+    assert torch.count_nonzero(missing[:, :, :6]) == 0 and torch.count_nonzero(missing[:, :, -1]) == 0
+    assert torch.all(camera[:, mask[0].bool(), -1] == 1)
+
+
+def test_full_conditioning_uses_every_ground_truth_pose():
+    clips = two_clips()
+    camera, mask, w2c_used = camgeo.camera_inputs(clips["w2c"], clips["K"], "full", 1 / 4, height=16, width=16)
+    assert torch.all(mask == 1) and torch.equal(w2c_used, clips["w2c"])
+    c2w = geometry.normalize_translation(geometry.relative_to_first(geometry.invert_pose(clips["w2c"])))
+    K = camgeo.intrinsics_vector(clips["K"])[:, None].expand(-1, 8, -1)
+    assert torch.allclose(camera[:, :, :6], geometry.plucker_embedding(K, c2w, 16, 16), atol=1e-4)

@@ -1,12 +1,15 @@
-"""The CamGeo distillation (distill.py): teacher gate, L_traj, the batched L_geo (eager and compiled), curriculum."""
+"""The CamGeo distillation (distill.py): its config, the teacher's reading (teacher_geometry), the teacher gate, L_traj,
+the batched L_geo (eager and compiled), the curriculum and L_total, and the distillation of a training batch."""
 import math
 
 import pytest
 import torch
 
+import alignment
 import data
 import distill
 import geometry
+import teacher
 
 H = W = 16
 
@@ -40,6 +43,81 @@ def keyframes(batch, num_frames, index):
     mask = torch.zeros(batch, num_frames, dtype=torch.float64)
     mask[:, index] = 1
     return mask
+
+
+# -----------------------------------------------------------------------------
+# the teacher's reading of a video
+
+# A very small random teacher (fast on CPU): these tests check plumbing, not what a teacher knows.
+TINY = teacher.VGGTConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_register_tokens=2,
+                          patch_embed="conv", dino_depth=0, dino_num_heads=0, camera_trunk_depth=1,
+                          camera_num_heads=2, dpt_features=16, dpt_out_channels=[8, 16, 32, 32],
+                          dpt_intermediate_layer_idx=[0, 1, 1, 1])
+
+
+def test_teacher_geometry_returns_input_sized_depth_and_intrinsics():
+    model = teacher.freeze(teacher.VGGT(TINY))
+    video = torch.rand(2, 3, 3, 24, 30)  # not the teacher's size: resized in and out
+    out = distill.teacher_geometry(model, video, cameras="head")
+    assert out["extrinsics"].shape == (2, 3, 4, 4)
+    assert out["depth"].shape == (2, 3, 24, 30) and out["depth_conf"].shape == (2, 3, 24, 30)
+    K = out["intrinsics"]
+    assert K.shape == (2, 3, 3, 3)
+    assert torch.allclose(K[..., 0, 2], torch.tensor(15.0)) and torch.allclose(K[..., 1, 2], torch.tensor(12.0))
+
+
+def test_teacher_geometry_intrinsics_are_in_input_pixels():
+    model = teacher.freeze(teacher.VGGT(TINY))
+    with torch.no_grad():  # keep the predicted fields of view away from ReLU's zero
+        model.camera_head.pose_branch.fc2.bias[7:] += 1.0
+    video = torch.rand(1, 2, 3, 24, 30)
+    out = distill.teacher_geometry(model, video, cameras="head")
+    fov_h, fov_w = out["pose_enc"][..., 7], out["pose_enc"][..., 8]
+    assert torch.allclose(out["intrinsics"][..., 0, 0], 15.0 / torch.tan(fov_w / 2))
+    assert torch.allclose(out["intrinsics"][..., 1, 1], 12.0 / torch.tan(fov_h / 2))
+
+
+def test_head_cameras_keep_a_zero_field_of_view_at_a_finite_focal_length():
+    model = teacher.freeze(teacher.VGGT(TINY))
+    with torch.no_grad():  # both fields of view at ReLU's zero floor
+        model.camera_head.pose_branch.fc2.bias[7:] -= 1e3
+    out = distill.teacher_geometry(model, torch.rand(1, 2, 3, 16, 16), cameras="head")
+    low = math.radians(distill.FOV_RANGE_DEG[0])
+    assert torch.isfinite(out["intrinsics"]).all()
+    assert torch.allclose(out["intrinsics"][..., 0, 0], torch.full((1, 2), 8 / math.tan(low / 2)))
+
+
+def test_aligned_cameras_are_the_alignment_of_the_video_through_the_teacher_depth():
+    model = teacher.freeze(teacher.VGGT(TINY))
+    video = torch.rand(1, 3, 3, 16, 16)
+    K = torch.tensor([[[14.0, 0, 8], [0, 14.0, 8], [0, 0, 1]]])
+    out = distill.teacher_geometry(model, video, cameras="aligned", intrinsics=K)
+    head = distill.teacher_geometry(model, video, cameras="head")
+    expected = alignment.align_cameras(video, out["depth"], K, init_w2c=head["extrinsics"])
+    assert torch.allclose(out["extrinsics"], expected) and torch.equal(out["intrinsics"], K[:, None].expand(1, 3, 3, 3))
+    assert torch.equal(out["extrinsics"][:, 0], torch.eye(4)[None])
+
+
+def test_aligned_cameras_pass_the_gradient_to_the_video():
+    model = teacher.freeze(teacher.VGGT(TINY))
+    video = torch.rand(1, 3, 3, 16, 16, requires_grad=True)
+    K = torch.tensor([[[14.0, 0, 8], [0, 14.0, 8], [0, 0, 1]]])
+    out = distill.teacher_geometry(model, video, cameras="aligned", intrinsics=K)
+    (gradient,) = torch.autograd.grad(out["extrinsics"][:, 1:, :3, 3].sum(), video)
+    assert gradient.abs().sum() > 0 and torch.isfinite(gradient).all()
+
+
+def test_default_cameras_are_the_head_for_vggt_1b_and_aligned_for_a_teacher_trained_here():
+    assert distill.default_cameras(teacher.VGGT_1B) == "head"
+    assert distill.default_cameras(teacher.SMALL_TEACHER) == "aligned"
+
+
+def test_teacher_geometry_rejects_an_unknown_camera_source_and_bad_intrinsics():
+    model = teacher.freeze(teacher.VGGT(TINY))
+    with pytest.raises(ValueError, match="cameras must be one of"):
+        distill.teacher_geometry(model, torch.rand(1, 2, 3, 16, 16), cameras="oracle")
+    with pytest.raises(ValueError, match="intrinsics must be"):
+        distill.teacher_geometry(model, torch.rand(1, 2, 3, 16, 16), intrinsics=torch.eye(3))
 
 
 # -----------------------------------------------------------------------------
@@ -320,22 +398,9 @@ def test_geometry_pairs_sum_to_the_two_terms_of_geometry_loss():
     depth_pairs, smooth_pairs = distill.geometry_pairs(depth, w2c, K, frames)
     loss, depth_term, smooth = distill.geometry_loss(depth, w2c, K, frames, smoothness_weight=0.5)
     assert depth_pairs.shape == smooth_pairs.shape == (depth.shape[0], len(distill.span_pairs(depth.shape[1],
-                                                                                              distill.GEO_SPANS)[0]))
+                                                                                              distill.DEFAULTS.spans)[0]))
     assert torch.allclose(depth_pairs.sum(-1), depth_term) and torch.allclose(smooth_pairs.sum(-1), smooth)
     assert torch.allclose(loss, depth_term + 0.5 * smooth)
-
-
-def test_geometry_excess_per_pair_lets_no_term_pay_for_another_and_is_zero_at_the_real_clip():
-    real = (torch.tensor([[0.5, 0.5]]), torch.tensor([[0.3, 0.0]]))
-    seen = (torch.tensor([[1.0, 0.5]]), torch.tensor([[0.0, 0.0]]))  # worse depth, smoother camera than the data
-    assert torch.allclose(distill.geometry_excess(seen, real, 1.0, "pair"), torch.tensor([0.5]))
-    assert torch.allclose(distill.geometry_excess(seen, real, 1.0, "clip"), torch.tensor([0.2]))
-    for mode in ("pair", "clip"):
-        assert distill.geometry_excess(real, real, 1.0, mode).item() == 0
-    smoother = (real[0], torch.tensor([[0.1, 0.0]]))  # only smoother: nothing to pay, nothing to gain
-    assert distill.geometry_excess(smoother, real, 1.0, "pair").item() == 0
-    with pytest.raises(ValueError, match="pair"):
-        distill.geometry_excess(seen, real, 1.0, "sum")
 
 
 def test_span_weights_favour_longer_spans_and_drop_spans_longer_than_the_clip():
@@ -416,17 +481,17 @@ def test_trajectory_leads_and_depth_follows():
 
 
 def test_linear_schedule_shares_midpoint_and_slope_and_is_clipped():
-    width = distill.CURRICULUM_WIDTH
+    width, beta_mid = distill.DEFAULTS.schedule_width, distill.DEFAULTS.beta_mid
     total = 100_000
-    mid = int(distill.CURRICULUM_BETA_MID * total)
+    mid = int(beta_mid * total)
     sig = [distill.curriculum_weights(s, total)[1] for s in (mid - 10, mid, mid + 10)]
     lin = [distill.curriculum_weights(s, total, schedule="linear")[1] for s in (mid - 10, mid, mid + 10)]
     assert math.isclose(lin[1], 0.5) and math.isclose(lin[2] - lin[0], sig[2] - sig[0], rel_tol=1e-3)
     assert distill.curriculum_weights(total - 1, total, schedule="linear") == (1.0, 1.0)
     assert distill.curriculum_weights(int(0.11 * total), total, schedule="linear")[1] == 0.0
     # the linear ramp spans 4 widths around the midpoint: 0 and 1 exactly two widths either side
-    assert distill.curriculum_weights(round((distill.CURRICULUM_BETA_MID - 2 * width) * total), total, "linear")[1] == 0
-    assert distill.curriculum_weights(round((distill.CURRICULUM_BETA_MID + 2 * width) * total), total, "linear")[1] == 1
+    assert distill.curriculum_weights(round((beta_mid - 2 * width) * total), total, "linear")[1] == 0
+    assert distill.curriculum_weights(round((beta_mid + 2 * width) * total), total, "linear")[1] == 1
 
 
 def test_without_warmup_alpha_is_one_from_the_first_step():
@@ -446,3 +511,125 @@ def test_total_loss_gates_geometry_by_beta_by_default_and_not_in_the_printed_for
 def test_curriculum_rejects_unknown_schedule():
     with pytest.raises(ValueError, match="schedule"):
         distill.curriculum_weights(0, 10, schedule="cosine")
+
+
+# -----------------------------------------------------------------------------
+# the config and the teacher on a training batch
+
+
+@pytest.mark.parametrize("field, value", [("teacher_every", 0), ("teacher_t_max", 0.0), ("teacher_fraction", 1.5),
+                                          ("teacher_gradient_sigma", -1.0), ("teacher_cameras", "oracle"),
+                                          ("distill_target", "labels")])
+def test_config_rejects_a_choice_the_distillation_cannot_run(field, value):
+    with pytest.raises(ValueError, match=field):
+        distill.DistillConfig(**{field: value})
+
+
+@pytest.fixture(scope="module")
+def small_teacher():
+    """The small teacher's architecture with random weights (what is tested is plumbing, not what it knows)."""
+    torch.manual_seed(0)
+    return teacher.freeze(teacher.VGGT(teacher.SMALL_TEACHER))
+
+
+BATCH_FRAMES, BATCH_SIZE = 4, 16  # the smoke preset's clips
+
+
+def distillation_of(video_pred, small_teacher, camera_drop=None, t=None, **choices):
+    """distill.distillation_losses for a batch of 4 synthetic clips whose predicted video is video_pred(true video),
+    keyframes the first and last frame, every clip open to the teacher unless choices say otherwise."""
+    clips = [data.render_clip(seed, BATCH_FRAMES, BATCH_SIZE, BATCH_SIZE) for seed in range(4)]
+    batch = {key: torch.stack([clip[key] for clip in clips]) for key in ("video", "depth", "w2c", "K")}
+    out = {"t": torch.zeros(4) if t is None else t, "x0_pred": video_pred(batch["video"]), "loss": torch.zeros(()),
+           "camera_drop": torch.zeros(4, dtype=torch.bool) if camera_drop is None else camera_drop}
+    mask = keyframes(4, BATCH_FRAMES, [0, BATCH_FRAMES - 1])
+    config = distill.DistillConfig(**{"teacher_fraction": 1.0, **choices})
+    return distill.distillation_losses(small_teacher, distill.geometry_pairs, out, batch, mask, config)
+
+
+def another_clips_frames(leaf):
+    """video_pred: each clip's prediction is another clip's frames (so both losses are above zero), as a leaf
+    whose gradient the test reads."""
+    def predicted(video):
+        leaf["x"] = video.roll(1, dims=0).clone().requires_grad_(True)
+        return leaf["x"]
+    return predicted
+
+
+def test_teacher_consistent_target_is_zero_when_the_prediction_is_the_real_clip(small_teacher):
+    terms = distillation_of(lambda video: video, small_teacher)
+    assert terms["teacher_clips"] == 4 and terms["loss_traj"] == 0 and terms["loss_geo"] == 0
+    shifted = distillation_of(lambda video: video.roll(1, dims=0), small_teacher)  # another clip's frames
+    assert shifted["loss_traj"] > 0
+
+
+def test_teacher_target_counts_only_how_much_less_consistent_the_prediction_is(small_teacher):
+    # geometry_pairs of the predicted video (read with a gradient) and of the real clip (without), pair by pair
+    readings = {True: (torch.tensor([[0.5, 0.25]]), torch.tensor([[0.25, 0.0]])),
+                False: (torch.tensor([[0.5, 0.0]]), torch.tensor([[0.0, 0.5]]))}
+    fake_pairs = lambda *args, **kwargs: tuple(x.expand(4, 2) for x in readings[torch.is_grad_enabled()])
+    clips = [data.render_clip(seed, BATCH_FRAMES, BATCH_SIZE, BATCH_SIZE) for seed in range(4)]
+    batch = {key: torch.stack([clip[key] for clip in clips]) for key in ("video", "depth", "w2c", "K")}
+    out = {"t": torch.zeros(4), "x0_pred": batch["video"], "loss": torch.zeros(()),
+           "camera_drop": torch.zeros(4, dtype=torch.bool)}
+    mask = keyframes(4, BATCH_FRAMES, [0, BATCH_FRAMES - 1])
+    for smoothness, excess in ((1.0, 0.0), (0.5, 0.125), (0.0, 0.25)):
+        # L_geo(x0_hat) = 0.75 + 0.25 w, L_geo(x0) = 0.5 + 0.5 w: x0_hat's depth is worse, its camera smoother,
+        # and the excess is taken of the clip's whole sum: max(0, 0.25 - 0.25 w) for every clip
+        config = distill.DistillConfig(teacher_fraction=1.0, smoothness_weight=smoothness)
+        terms = distill.distillation_losses(small_teacher, fake_pairs, out, batch, mask, config)
+        assert terms["loss_geo"].item() == pytest.approx(excess)
+        assert terms["loss_geo_depth"].item() == pytest.approx(0.75)  # the predicted video's own terms
+        assert terms["loss_geo_smooth"].item() == pytest.approx(0.25)
+
+
+def test_true_target_is_the_plain_geometry_loss_and_the_true_poses(small_teacher):
+    terms = distillation_of(lambda video: video, small_teacher, distill_target="truth")
+    assert terms["loss_geo"] > 0 and terms["loss_traj"] > 0  # a random teacher reads the real clip wrongly
+    assert torch.allclose(terms["loss_geo"], terms["loss_geo_depth"] + terms["loss_geo_smooth"])
+
+
+def test_low_passed_teacher_gradient_changes_the_gradient_not_the_losses(small_teacher):
+    readings = {}
+    for sigma in (0.0, 1.5):
+        leaf = {}
+        terms = distillation_of(another_clips_frames(leaf), small_teacher, teacher_gradient_sigma=sigma)
+        (terms["loss_traj"] + terms["loss_geo"]).backward()
+        readings[sigma] = (terms["loss_traj"].item(), terms["loss_geo"].item(), leaf["x"].grad)
+    assert readings[0.0][:2] == readings[1.5][:2] and readings[0.0][0] > 0
+    whole, low_passed = readings[0.0][2], readings[1.5][2]
+    assert torch.allclose(low_passed, geometry.gaussian_blur(whole.flatten(0, 1), 1.5).view_as(whole), atol=1e-7)
+    roughness = lambda g: (g[..., 1:] - g[..., :-1]).abs().sum() / g.abs().sum()  # neighbour differences
+    assert roughness(low_passed) < 0.5 * roughness(whole)
+
+
+def test_the_teacher_reads_every_predicted_frame_including_frame_0(small_teacher):
+    leaf = {}
+    terms = distillation_of(another_clips_frames(leaf), small_teacher)
+    (terms["loss_traj"] + terms["loss_geo"]).backward()
+    assert (leaf["x"].grad.flatten(2).abs().sum(-1) > 0).all()  # (B, F): every frame of every clip is pulled
+
+
+def test_clips_whose_camera_was_dropped_get_no_distillation(small_teacher):
+    drop = torch.tensor([True, True, True, True])
+    terms = distillation_of(lambda video: video.roll(1, dims=0), small_teacher, camera_drop=drop)
+    assert terms["teacher_clips"] == 0 and terms["loss_traj"] == 0 and terms["loss_geo"] == 0
+    one_kept = distillation_of(lambda video: video.roll(1, dims=0), small_teacher,
+                               camera_drop=torch.tensor([True, False, True, True]))
+    assert one_kept["teacher_clips"] == 1
+
+
+def test_teacher_gate_and_fraction_limit_the_clips_the_teacher_sees(small_teacher):
+    t = torch.tensor([0.1, 0.2, 0.3, 0.9])
+    assert distillation_of(lambda video: video, small_teacher, t=t)["teacher_clips"] == 3  # t_max 0.5
+    assert distillation_of(lambda video: video, small_teacher, t=t, teacher_t_max=0.25)["teacher_clips"] == 2
+    assert distillation_of(lambda video: video, small_teacher, t=t, teacher_fraction=0.25)["teacher_clips"] == 1
+
+
+def test_each_loss_is_weighted_by_the_gate_and_divided_by_the_batch(small_teacher):
+    shifted = lambda video: video.roll(1, dims=0)
+    whole = distillation_of(shifted, small_teacher, distill_target="truth")  # t = 0: every clip at weight 1
+    t = torch.tensor([0.25, 0.25, 0.25, 0.25])  # linear gate at t_max 0.5: weight 1/2 each
+    half = distillation_of(shifted, small_teacher, t=t, distill_target="truth")
+    for name in ("loss_traj", "loss_geo"):
+        assert torch.allclose(half[name], 0.5 * whole[name])

@@ -802,3 +802,99 @@ def test_scaled_relative_c2w_puts_frame_zero_at_identity_and_divides_the_centres
     torch.testing.assert_close(out[:, 0], torch.eye(4, dtype=torch.float64).expand(2, 4, 4))
     torch.testing.assert_close(out[..., :3, :3], relative[..., :3, :3])
     torch.testing.assert_close(out[..., :3, 3], relative[..., :3, 3] / scale[:, None, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# Co-visibility with the reference frame, masked PSNR
+
+def sideways(baseline):
+    """(1, 4, 4) frame -> reference transform of a frame whose camera sits `baseline` to the right of the
+    reference's: a point at depth d seen at column u in the frame is at u + fx * baseline / d in the reference."""
+    T = torch.eye(4, dtype=torch.float64)[None].clone()
+    T[0, 0, 3] = baseline
+    return T
+
+
+def column_ramp(step=0.1):
+    """(1, 3, H, W) image whose column j is j * step in every channel and row."""
+    return (torch.arange(W, dtype=torch.float64) * step).expand(1, 3, H, W).clone()
+
+
+def test_identity_pose_sees_every_pixel_and_its_reprojection_is_the_reference():
+    depth = random_depth(seed=70)
+    reference = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(70), dtype=torch.float64)
+    identity = torch.eye(4, dtype=torch.float64)[None]
+    assert g.covisible_mask(depth, depth, K_TEST, identity).all()
+    torch.testing.assert_close(g.reproject_reference(reference, depth, K_TEST, identity), reference)
+
+
+def test_a_still_camera_scores_on_covisible_pixels_what_a_hand_computation_says():
+    # A wall at depth 2 and a camera moved fx * b / d = 1 pixel: frame column j shows reference column j + 1, and
+    # the frame's last column shows what the reference does not (out of its view), here 0.9.
+    depth = torch.full((1, H, W), 2.0, dtype=torch.float64)
+    T = sideways(2.0 / K_TEST[0, 0, 0].item())
+    reference = column_ramp()
+    frame = torch.cat([reference[..., 1:], torch.full((1, 3, H, 1), 0.9, dtype=torch.float64)], dim=-1)
+    mask = g.covisible_mask(depth, depth, K_TEST, T)
+    assert mask[..., :-1].all() and not mask[..., -1].any()
+    torch.testing.assert_close(g.reproject_reference(reference, depth, K_TEST, T)[..., :-1], frame[..., :-1])
+    # the still camera repeats the reference: off by one ramp step (0.1) on every co-visible pixel -> 20 dB, while
+    # the full frame also counts the last column (0.9 - 1.5 = -0.6 there)
+    assert g.masked_psnr(reference, frame, mask).item() == pytest.approx(20.0)
+    full_mse = ((W - 1) * 0.01 + 0.36) / W
+    assert g.psnr(reference, frame).item() == pytest.approx(10 * math.log10(1 / full_mse))
+
+
+def test_covisible_mask_drops_pixels_an_occluder_hides_from_the_reference():
+    # The frame sees a wall at depth 4; the reference sees the same wall except where a near box (depth 1) stands in
+    # front of columns 5-8. A 1-pixel shift: frame columns 4-7 land on the box, and column W - 1 leaves the view.
+    depth_frame = torch.full((1, H, W), 4.0, dtype=torch.float64)
+    depth_reference = depth_frame.clone()
+    depth_reference[:, 3:9, 5:9] = 1.0
+    mask = g.covisible_mask(depth_frame, depth_reference, K_TEST, sideways(4.0 / K_TEST[0, 0, 0].item()))
+    expected = torch.ones(1, H, W, dtype=torch.bool)
+    expected[:, 3:9, 4:8] = False
+    expected[..., -1] = False
+    assert torch.equal(mask, expected)
+
+
+def test_covisible_mask_drops_what_a_turned_camera_sees_outside_the_reference():
+    # The reference faces a wall at depth 3; the frame turns 25 degrees to the right about its y axis. Its right
+    # part looks past the reference's right edge; the rest sees the wall where the reference sees it.
+    R = torch.tensor(Rotation.from_euler("y", 25, degrees=True).as_matrix())  # frame -> reference rotation
+    T = torch.eye(4, dtype=torch.float64)[None].clone()
+    T[0, :3, :3] = R
+    depth_reference = torch.full((1, H, W), 3.0, dtype=torch.float64)
+    depth_frame = plane_depth(R[2], 3.0, K_TEST, H, W)  # the wall z_ref = 3 in the frame's coordinates
+    mask = g.covisible_mask(depth_frame, depth_reference, K_TEST, T)
+    # where each frame pixel's ray meets the reference image, by the rotation alone (no depth involved)
+    rays = g.unproject_depth(torch.ones(1, H, W, dtype=torch.float64), K_TEST) @ R.T
+    u = K_TEST[0, 0, 0] * rays[..., 0] / rays[..., 2] + K_TEST[0, 0, 2]
+    v = K_TEST[0, 1, 1] * rays[..., 1] / rays[..., 2] + K_TEST[0, 1, 2]
+    assert torch.equal(mask, (u <= W) & (v >= 0) & (v <= H))
+    assert mask[..., :W // 2].all() and not mask[..., -2:].any()
+
+
+def test_masked_psnr_ignores_unmasked_pixels_and_is_nan_for_an_empty_mask():
+    a = torch.zeros(2, 3, 4, 4, dtype=torch.float64)
+    b = a.clone()
+    b[..., :2] = 0.1  # masked: 20 dB
+    b[..., 2:] = 0.7  # not masked
+    mask = torch.zeros(2, 4, 4, dtype=torch.bool)
+    mask[0, :, :2] = True
+    out = g.masked_psnr(a, b, mask)
+    assert out[0].item() == pytest.approx(20.0) and math.isnan(out[1].item())
+
+
+def test_reprojected_reference_of_a_real_clip_scores_near_its_ceiling_and_a_still_camera_below():
+    import data  # the synthetic world's true depth and cameras
+    clip = data.render_clip(data.SPLIT_SEEDS["test"][0], 8, 32, 32)
+    video, depth, w2c = clip["video"], clip["depth"], clip["w2c"]
+    to_reference = w2c[0] @ torch.linalg.inv(w2c)  # (F, 4, 4) frame f -> frame 0
+    K = clip["K"].expand(8, 3, 3)
+    mask = g.covisible_mask(depth, depth[:1].expand_as(depth), K, to_reference)
+    ceiling = g.reproject_reference(video[:1].expand_as(video), depth, K, to_reference)
+    assert mask[1:].float().mean() > 0.3  # the camera moves, but most of the reference stays in view
+    ceiling_psnr = g.masked_psnr(ceiling[1:], video[1:], mask[1:]).mean().item()
+    still_psnr = g.masked_psnr(video[:1].expand_as(video)[1:], video[1:], mask[1:]).mean().item()
+    assert ceiling_psnr > 28 and still_psnr < ceiling_psnr - 5

@@ -16,8 +16,10 @@ from safetensors.torch import save_file
 
 import camgeo
 import data
+import re10k
 import sample
 import train
+import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = camgeo.PRESETS["smoke"]
@@ -29,7 +31,7 @@ QUARTER_TURN_Y = [[0, 0, 1], [0, 1, 0], [-1, 0, 0]]
 def workdir(tmp_path_factory):
     """A smoke checkpoint, a reference image and a valid poses file."""
     folder = tmp_path_factory.mktemp("sample")
-    args = train.parse_args(["--preset", "smoke", "--method", "sparse", "--steps", "2", "--out", str(folder / "run"),
+    args = training.parse_args(["--preset", "smoke", "--method", "sparse", "--steps", "2", "--out", str(folder / "run"),
                              "--num-workers", "0", "--num-clips", "4"])
     train.train(args)
     clip = data.render_clip(7, F, S, S)
@@ -49,7 +51,7 @@ def valid_spec():
 def run_sample(workdir, image, poses, *extra, ckpt=None, in_process=False):
     """Run sample.py as a user does (a subprocess), or in this process through the same sample.cli, which is
     much faster (no interpreter and torch start-up) for the long list of malformed inputs."""
-    ckpt = ckpt or str(workdir / "run" / train.CKPT_NAME)
+    ckpt = ckpt or str(workdir / "run" / training.CKPT_NAME)
     argv = [str(image), str(poses), "--ckpt", ckpt, "--steps", "2", "--out", str(workdir / "samples"), *extra]
     if in_process:
         stderr = io.StringIO()
@@ -92,7 +94,7 @@ def test_sample_writes_gif_frame_pngs_and_strip(workdir):
 
 
 def test_sample_accepts_a_realestate10k_camera_file(workdir):
-    data.write_re10k_clip(data.render_clip(3, F + 2, S, S), str(workdir / "re10k"), "clip")
+    re10k.write_re10k_clip(data.render_clip(3, F + 2, S, S), str(workdir / "re10k"), "clip")
     result = run_sample(workdir, workdir / "ref.png", workdir / "re10k" / "clip.txt", "--keyframes", "0.5",
                         in_process=True)
     assert result.returncode == 0, result.stderr
@@ -235,13 +237,10 @@ def test_rgba_and_greyscale_images_of_another_size_are_converted_with_a_note(wor
     assert f"converted from {mode} to RGB" in result.stderr and "resized" in result.stderr
 
 
-def test_make_examples_writes_image_and_pose_files_that_parse(tmp_path):
-    import sample
-    sample.make_examples(str(tmp_path), num_frames=8, size=32)
-    assert Image.open(tmp_path / "reference.png").size == (32, 32)
-    for name in ("dolly_in", "pan_left", "orbit"):
-        poses = sample.parse_poses_json((tmp_path / f"{name}.json").read_text())
-        assert poses["keyframe_mask"][0] == 1 and poses["num_frames"] == 8
+def test_sampling_never_imports_the_teacher():
+    code = "import sys, sample; print('teacher' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "False"
 
 
 def test_shipped_student_loads_and_samples_every_example_pose_file(tmp_path):

@@ -14,10 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import alignment
 import teacher
 import train_teacher
-from teacher import VGGT, VGGTConfig, freeze, load_vggt, save_teacher, teacher_geometry
+from teacher import VGGT, VGGTConfig, freeze, load_vggt, save_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = os.path.join(ROOT, "tests", "fixtures", "vggt")
@@ -274,71 +273,6 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     weight = "aggregator.frame_blocks.0.attn.qkv.weight"
     grads = [dict(m.named_parameters())[weight].grad for m in (plain, checkpointed)]
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
-
-
-def test_teacher_geometry_returns_input_sized_depth_and_intrinsics():
-    model = freeze(VGGT(TINY))
-    video = torch.rand(2, 3, 3, 24, 30)  # not the teacher's size: resized in and out
-    geometry = teacher_geometry(model, video, cameras="head")
-    assert geometry["extrinsics"].shape == (2, 3, 4, 4)
-    assert geometry["depth"].shape == (2, 3, 24, 30) and geometry["depth_conf"].shape == (2, 3, 24, 30)
-    K = geometry["intrinsics"]
-    assert K.shape == (2, 3, 3, 3)
-    assert torch.allclose(K[..., 0, 2], torch.tensor(15.0)) and torch.allclose(K[..., 1, 2], torch.tensor(12.0))
-
-
-def test_teacher_geometry_intrinsics_are_in_input_pixels():
-    model = freeze(VGGT(TINY))
-    with torch.no_grad():  # keep the predicted fields of view away from ReLU's zero
-        model.camera_head.pose_branch.fc2.bias[7:] += 1.0
-    video = torch.rand(1, 2, 3, 24, 30)
-    out = teacher_geometry(model, video, cameras="head")
-    fov_h, fov_w = out["pose_enc"][..., 7], out["pose_enc"][..., 8]
-    assert torch.allclose(out["intrinsics"][..., 0, 0], 15.0 / torch.tan(fov_w / 2))
-    assert torch.allclose(out["intrinsics"][..., 1, 1], 12.0 / torch.tan(fov_h / 2))
-
-
-def test_head_cameras_keep_a_zero_field_of_view_at_a_finite_focal_length():
-    model = freeze(VGGT(TINY))
-    with torch.no_grad():  # both fields of view at ReLU's zero floor
-        model.camera_head.pose_branch.fc2.bias[7:] -= 1e3
-    out = teacher_geometry(model, torch.rand(1, 2, 3, 16, 16), cameras="head")
-    low = math.radians(teacher.FOV_RANGE_DEG[0])
-    assert torch.isfinite(out["intrinsics"]).all()
-    assert torch.allclose(out["intrinsics"][..., 0, 0], torch.full((1, 2), 8 / math.tan(low / 2)))
-
-
-def test_aligned_cameras_are_the_alignment_of_the_video_through_the_teacher_depth():
-    model = freeze(VGGT(TINY))
-    video = torch.rand(1, 3, 3, 16, 16)
-    K = torch.tensor([[[14.0, 0, 8], [0, 14.0, 8], [0, 0, 1]]])
-    out = teacher_geometry(model, video, cameras="aligned", intrinsics=K)
-    head = teacher_geometry(model, video, cameras="head")
-    expected = alignment.align_cameras(video, out["depth"], K, init_w2c=head["extrinsics"])
-    assert torch.allclose(out["extrinsics"], expected) and torch.equal(out["intrinsics"], K[:, None].expand(1, 3, 3, 3))
-    assert torch.equal(out["extrinsics"][:, 0], torch.eye(4)[None])
-
-
-def test_aligned_cameras_pass_the_gradient_to_the_video():
-    model = freeze(VGGT(TINY))
-    video = torch.rand(1, 3, 3, 16, 16, requires_grad=True)
-    K = torch.tensor([[[14.0, 0, 8], [0, 14.0, 8], [0, 0, 1]]])
-    out = teacher_geometry(model, video, cameras="aligned", intrinsics=K)
-    (gradient,) = torch.autograd.grad(out["extrinsics"][:, 1:, :3, 3].sum(), video)
-    assert gradient.abs().sum() > 0 and torch.isfinite(gradient).all()
-
-
-def test_default_cameras_are_the_head_for_vggt_1b_and_aligned_for_a_teacher_trained_here():
-    assert teacher.default_cameras(teacher.VGGT_1B) == "head"
-    assert teacher.default_cameras(teacher.SMALL_TEACHER) == "aligned"
-
-
-def test_teacher_geometry_rejects_an_unknown_camera_source_and_bad_intrinsics():
-    model = freeze(VGGT(TINY))
-    with pytest.raises(ValueError, match="cameras must be one of"):
-        teacher_geometry(model, torch.rand(1, 2, 3, 16, 16), cameras="oracle")
-    with pytest.raises(ValueError, match="intrinsics must be"):
-        teacher_geometry(model, torch.rand(1, 2, 3, 16, 16), intrinsics=torch.eye(3))
 
 
 def test_training_targets_put_frame_zero_at_identity_with_unit_scene_scale():

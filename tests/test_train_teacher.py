@@ -1,6 +1,5 @@
 """train_teacher.py: the small teacher's training run writes a loadable teacher; its evaluation scores the head's
-and the aligned cameras against trivial baselines on clean and degraded frames; its pull table measures how hard
-each distillation term pulls on each frame."""
+and the aligned cameras against trivial baselines on clean and degraded frames."""
 import argparse
 
 import torch
@@ -37,26 +36,3 @@ def test_eval_table_scores_head_and_aligned_cameras_on_clean_and_degraded_frames
         ("clean", "head"), ("clean", "aligned"), ("degraded", "head"), ("degraded", "aligned")}
     aligned_fov = [row for row in rows if row[0].startswith("| fov_deg") and row[2] == "aligned"]
     assert all(float(row[3]) == 0 for row in aligned_fov)  # the true intrinsics are given to the alignment
-
-
-def test_pull_table_shows_no_pull_on_frame_0_when_the_teacher_reads_the_reference():
-    torch.manual_seed(0)
-    model = teacher.VGGT(teacher.SMALL_TEACHER)
-    clips = train_teacher.render_split("test", 2, 4, teacher.SMALL_TEACHER.img_size)
-    rows = [line.strip("| ").split(" | ") for line in train_teacher.pull_table(model, clips).splitlines()[2:]]
-    assert {(row[1], row[2]) for row in rows} == {(frame0, term) for frame0 in ("predicted", "reference")
-                                                  for term in ("L_traj", "L_geo depth", "L_geo smoothness")}
-    for row in rows:
-        pulls = [float(v) for v in row[3:]]
-        assert len(pulls) == 4 and all(v >= 0 for v in pulls) and sum(pulls[1:]) > 0
-        assert (pulls[0] == 0) == (row[1] == "reference")
-
-
-def test_pull_is_measured_at_the_low_pass_asked_for():
-    torch.manual_seed(0)
-    model = teacher.VGGT(teacher.SMALL_TEACHER)
-    clips = train_teacher.render_split("test", 2, 4, teacher.SMALL_TEACHER.img_size)
-    pulls = {sigma: train_teacher.frame_pulls(model, clips, train_teacher.degraded_frames, "predicted", sigma)
-             for sigma in (0.0, 3.0)}
-    # a Gaussian low-pass removes energy from the gradient, so every frame's pull is smaller with it
-    assert (pulls[3.0]["L_traj"][1:] < pulls[0.0]["L_traj"][1:]).all()
