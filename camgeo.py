@@ -37,7 +37,7 @@ class CamGeoConfig:
     depth: int = 4  # number of blocks
     num_heads: int = 4
     mlp_ratio: float = 4.0
-    # the full-resolution output head (PixelHead): channels per pixel the transformer hands it, and its width
+    # the full-resolution heads (DepthHead, CopyHead): channels per pixel the transformer hands them, and their width
     pixel_features: int = 16
     pixel_head_width: int = 32
     text_vocab_size: int = 1024  # words are hashed into this many buckets (no pretrained text model here)
@@ -64,7 +64,9 @@ PRESETS = {
 # mid t, where predicting the velocity is hardest, and few at the ends, where it is nearly trivial.
 LOGIT_NORMAL_MEAN = 0.0
 LOGIT_NORMAL_STD = 1.0
-UNIFORM_TIME_FRACTION = 0.0
+# A share of the times is drawn uniformly so the last steps of the sampler (t = 0.04, 0.08, ...), which
+# logit-normal(0, 1) almost never draws (1.4% of its draws fall below t = 0.1), are trained too.
+UNIFORM_TIME_FRACTION = 0.3
 # Weight of the depth head's L1 error (inverse depth in the poses' unit, typically 0.1-2) beside the clean-video
 # loss (a mean square error near 0.02 in [-1, 1] units once trained): large enough that depth is learnt early.
 DEPTH_LOSS_WEIGHT = 0.1
@@ -77,8 +79,8 @@ DEPTH_LOSS_WEIGHT = 0.1
 # moves (pure rotation, hand-shake only) from having its jitter blown up to unit length.
 TRANSLATION_SCALE_FLOOR = 1e-3
 TIMESTEP_FREQUENCY_SCALE = 1000.0
-# CopyHead's starting logit for the rotation-only warp (every other choice starts at 0): softmax weight 0.69
-# among the NUM_PLANES + 2 choices, so a new model starts near that warp yet every choice gets gradient.
+# CopyHead's starting logit for the rotation-only warp (every other choice starts at 0): softmax weight 0.72
+# among the NUM_PLANES + 1 choices, so a new model starts near that warp yet every choice gets gradient.
 COPY_START_LOGIT = 3.0  # t in [0, 1] is scaled like DiT's integer steps before the sinusoid
 
 # -----------------------------------------------------------------------------
@@ -486,23 +488,24 @@ class CopyHead(nn.Module):
     """The denoiser's output at full resolution: per pixel, a choice among what can be copied, and a colour of its
     own for what cannot.
 
-    Candidates (all (N, 3, H, W)): the reference on each plane of the sweep (reference_candidates), the noisy frame
-    x_t itself, and a generated colour (the rotation-only warp plus a change). Three 3x3 convolutions over the
-    transformer's per-pixel features, x_t, the candidates, how well each plane matches x_t, and t give one logit per
-    candidate and the change; x0_hat is the softmax-weighted sum of the candidates.
+    Candidates (all (N, 3, H, W)): the reference on each plane of the sweep (reference_candidates) and a generated
+    colour (the rotation-only warp plus a change). Three 3x3 convolutions over the transformer's per-pixel
+    features, x_t, the planes, how well each plane matches x_t, how well each agrees with the depth the model reads
+    in the reference (depth_agreement), and t give one logit per candidate and the change; x0_hat is the
+    softmax-weighted sum of the candidates.
 
     Why a choice and not a colour: a plane that holds the right depth copies the reference's texture exactly,
     which a network of this size trained for minutes cannot paint; choosing is a per-pixel decision it can learn.
-    x_t is a candidate because at low noise it is already the answer (a colour head cannot pass it through).
     How well each plane matches x_t (the mean of |x_t - (1 - t) plane| over a 3x3 window) is the plane-sweep
-    stereo cost: once x_t holds the layout, the right plane is the one it agrees with.
+    stereo cost: once x_t holds the layout, the right plane is the one it agrees with. x_t itself is not a
+    candidate: copying it carries its noise into every later step of the sampler (RESULTS.md: noisy samples).
     The last convolution starts at zero with the warp's logit at COPY_START_LOGIT: a new model copies the
-    rotation-only warp, and learns where another plane, x_t or its own colour does better.
+    rotation-only warp, and learns where another plane or its own colour does better.
     """
 
     def __init__(self, feature_channels, width):
         super().__init__()
-        self.num_choices = NUM_PLANES + 2  # the planes, x_t, the generated colour
+        self.num_choices = NUM_PLANES + 1  # the planes and the generated colour
         # features, x_t, planes, how well each matches x_t and the depth read in the reference, t
         in_channels = feature_channels + 3 + 3 * NUM_PLANES + 2 * NUM_PLANES + 1
         self.net = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.SiLU(),
@@ -518,9 +521,9 @@ class CopyHead(nn.Module):
                              count_include_pad=False)  # (N, NUM_PLANES, H, W)
         out = self.net(torch.cat([features, x_t, planes.flatten(1, 2), costs, depth_costs, t_map.expand(-1, 1, H, W)],
                                  dim=1))
-        weights = out[:, :self.num_choices].softmax(dim=1)  # (N, NUM_PLANES + 2, H, W)
+        weights = out[:, :self.num_choices].softmax(dim=1)  # (N, NUM_PLANES + 1, H, W)
         generated = planes[:, 0] + out[:, self.num_choices:]
-        candidates = torch.cat([planes, x_t[:, None], generated[:, None]], dim=1)  # (N, NUM_PLANES + 2, 3, H, W)
+        candidates = torch.cat([planes, generated[:, None]], dim=1)  # (N, NUM_PLANES + 1, 3, H, W)
         return (weights[:, :, None] * candidates).sum(dim=1)
 
 
@@ -529,20 +532,19 @@ class CamGeo(nn.Module):
     sample turn it into the rectified-flow velocity.
 
     Inputs per frame: the noisy frame, the clean reference image (SVD-style: every frame sees the reference at
-    every pixel, so copying its content is a local operation) and, where the frame's pose is given, the reference
-    resampled along the frame's rays at infinity (reference_grid), concatenated channel-wise and patchified to
-    tokens; camera tokens from the Plücker maps are added on top; fixed sin-cos position embeddings for the patch
-    (2D) and the frame (1D). Diffusion time + prompt form the adaLN condition c. The tokens are unpatchified to
-    per-pixel features and PixelHead turns them, with x_t and the guess at full resolution, into the output: a
-    residual on reference_guess (the resampled reference where the pose is given, the reference elsewhere). With
-    the head's last convolution zero-initialised a new model predicts that guess, and learns what it gets wrong:
-    parallax, what comes into view, and the frames without a pose.
+    every pixel, so copying its content is a local operation) and the reference on each plane of the sweep
+    (reference_candidates), concatenated channel-wise and patchified to tokens; camera tokens from the Plücker
+    maps and the sweep's grids are added on top; fixed sin-cos position embeddings for the patch (2D) and the frame
+    (1D). Diffusion time + prompt form the adaLN condition c. The tokens are unpatchified to per-pixel features;
+    DepthHead reads the reference's inverse depth from frame 0's, and CopyHead chooses per pixel among the planes
+    (helped by how well each matches x_t and agrees with that depth) or paints a colour of its own.
 
-    Why the resampled reference: turning a ray map into "move this content by so many pixels" is a warp the
-    network would have to discover, and at this size and CPU budget it does not (RESULTS.md: with Plücker maps
-    alone the samples ignore the camera). The resampled reference hands it the rotational part of that warp as
-    a local copy; the parallax of translation (it needs depth) and the frames without a pose are still the
-    network's job, and those are what CamGeo's distillation is about.
+    Why copy: most of each frame of a static scene under a moving camera is the reference seen from elsewhere,
+    and turning a ray map into "move this content by so many pixels" is a warp a 2 M-parameter network trained
+    for minutes does not discover (RESULTS.md: with Plücker maps alone the samples ignore the camera). The sweep
+    hands it that warp at every depth it may need; which depth, per pixel, is what it learns, and its capacity
+    goes to what the reference cannot show. The Plücker maps stay the paper's camera input, and the distillation
+    reads x0_hat as before.
     """
 
     def __init__(self, config):
@@ -580,7 +582,7 @@ class CamGeo(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: modulation outputs start at zero, so every gate is 0 and each block starts as the identity
-        # (a new block cannot disturb the signal until it has learnt something); the pixel head's last convolution
+        # (a new block cannot disturb the signal until it has learnt something); the copy head's last convolution
         # starts at zero (with the warp's logit ahead) so the first prediction is near the rotation-only warp.
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)

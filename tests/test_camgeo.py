@@ -79,15 +79,14 @@ def test_block_is_not_identity_once_modulation_is_nonzero():
 
 def start_weights():
     """A new CopyHead's softmax weights: COPY_START_LOGIT for the rotation-only warp, 0 for every other choice."""
-    logits = torch.zeros(camgeo.NUM_PLANES + 2)
+    logits = torch.zeros(camgeo.NUM_PLANES + 1)
     logits[0] = camgeo.COPY_START_LOGIT
     return logits.softmax(0)
 
 
-def test_new_model_predicts_its_starting_mixture_of_the_planes_and_x_t():
+def test_new_model_predicts_its_starting_mixture_of_the_planes():
     """The copy head's last convolution starts at zero, so a new model returns the same mixture at every pixel:
-    mostly the reference on the plane at infinity (the rotation-only warp), a little of every other plane and of
-    x_t. Planes are the reference moved along each frame's rays (the interpolated pose's where none is given),
+    mostly the reference on the plane at infinity (the rotation-only warp), a little of every other plane. Planes are the reference moved along each frame's rays (the interpolated pose's where none is given),
     and the reference itself when the camera is dropped (guidance's unconditional branch)."""
     model = camgeo.CamGeo(CONFIG).eval()
     mask = torch.ones(2, F)
@@ -102,12 +101,12 @@ def test_new_model_predicts_its_starting_mixture_of_the_planes_and_x_t():
                                                   padding_mode="border", align_corners=False)
                   for k in range(camgeo.NUM_PLANES)]
         generated = planes[0]  # the warp plus a change that starts at zero
-        expected = sum(w * c for w, c in zip(weights, [*planes, x_t[:, frame], generated]))
+        expected = sum(w * c for w, c in zip(weights, [*planes, generated]))
         torch.testing.assert_close(x0_hat[:, frame], expected)
     warp = camgeo.reference_guess(video[:, 0], camera)
     assert not torch.allclose(warp[:, 2], video[:, 0], atol=1e-3)  # not vacuous: the random pose moves it
     dropped = model(x_t, torch.rand(2), video[:, 0], prompts, camera, force_drop=torch.tensor([True, True]))
-    torch.testing.assert_close(dropped, (1 - weights[-2]) * video[:, :1] + weights[-2] * x_t)
+    torch.testing.assert_close(dropped, video[:, :1].expand_as(video))
 
 
 def test_plane_sweep_grid_is_where_the_point_at_that_inverse_distance_projects():
