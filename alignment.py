@@ -25,34 +25,20 @@ import geometry
 
 @dataclass(frozen=True)
 class AlignmentConfig:
-    """Solver settings. The defaults were chosen on 50 held-out synthetic clips, 8 frames of 32x32."""
-    # Coarse to fine at full resolution: a wide blur widens the basin of convergence to the few
-    # pixels consecutive frames move at 32x32. The last level keeps a little blur: as accurate as
-    # none (2.9 deg on teacher depth, 2.1 vs 2.3 on ground truth), and the image is then smooth on
-    # the pixel scale, so the central-difference gradient the Jacobian uses is close to the bilinear
-    # interpolant's own, and the gradient of the final steps matches finite differences of the
-    # converged solution (2-10% after two steps; 8-36% with a sharp last level).
+    """Solver settings, chosen on held-out synthetic clips of 8 frames at 32x32 (the student's training shape)."""
+    # coarse to fine: a wide blur widens the basin to the few pixels consecutive frames move; the last level keeps
+    # a little, so the central-difference Jacobian matches the bilinear interpolant and the final steps' gradient
     blur_sigmas: tuple = (2.0, 1.0, 0.5)
-    # Gauss-Newton steps per level: 2 to 12 gave the same accuracy; 4 ends with steps of ~0.05 deg.
-    iterations_per_level: int = 4
-    # Residuals (intensity, images in [0, 1]) beyond this get weight delta/|r|, so occlusions, new
-    # surfaces and aliasing pull little; 0.02 beat 0.03 and 0.05 (2.9 vs 3.1 and 3.3 deg error).
-    huber_delta: float = 0.02
-    # Marquardt damping lambda * diag(H): keeps weakly observed directions (translation along the
-    # optical axis in a pan) from jumping; small, so steps stay Gauss-Newton near the optimum.
-    damping: float = 1e-3
-    # Also solve a per-channel colour gain of the target frame (exposure / white-balance changes):
-    # on frames with +-10% gains it cut the error from 5.0 to 3.6 deg; on clean frames it is neutral.
-    estimate_gain: bool = True
-    # Warped points count from this far inside the image (pixels; 0.5 = the outer pixel centres):
-    # beyond the pixel centres sample_at repeats the border, which is not the scene there.
-    view_margin: float = 0.5
-    # Final finest-level steps that keep the graph (see align_cameras). Each step shrinks the gap
-    # between its gradient and the implicit-function gradient of the optimum: on real clips it was
-    # ~20% after one step, ~2-10% after two, ~1-4% after three.
+    iterations_per_level: int = 4  # Gauss-Newton steps per level: more gave no better accuracy
+    huber_delta: float = 0.02  # residuals beyond it weigh delta/|r|: occlusions, new surfaces, aliasing pull little
+    damping: float = 1e-3  # Marquardt lambda diag(H): weakly observed motion (forward, in a pan) cannot jump
+    estimate_gain: bool = True  # a per-channel gain of the target frame absorbs exposure and white-balance changes
+    view_margin: float = 0.5  # warped points count from this far inside (px): past the pixel centres is no scene
+    # finest-level steps that keep the graph (see align_cameras): each brings their gradient closer to the
+    # implicit-function gradient of the optimum
     differentiable_steps: int = 2
-    # Keep the graph through every iteration instead: the exact gradient of the whole solver
-    # (for gradcheck; costs memory and time linear in the iteration count).
+    # keep the graph through every iteration instead: the exact gradient of the whole solver (for gradcheck; memory
+    # and time linear in the iteration count)
     unroll: bool = False
 
     def __post_init__(self):

@@ -1,4 +1,5 @@
 """Specification of data.py: the synthetic world's clips, its camera paths and the splits."""
+import itertools
 import math
 
 import numpy as np
@@ -269,11 +270,14 @@ def test_slerp_between_keyframes_misses_the_true_path():
 # Dataset splits
 
 
-def test_split_seed_ranges_do_not_overlap():
-    ranges = sorted(data.SPLIT_SEEDS.values())
-    assert set(data.SPLIT_SEEDS) == {"train", "val", "test"}
-    for (start_a, stop_a), (start_b, stop_b) in zip(ranges, ranges[1:]):
-        assert start_a < stop_a <= start_b < stop_b
+def test_no_clip_of_one_split_is_a_clip_of_another():
+    splits = [data.SyntheticClips(name, num_frames=2, height=8, width=8) for name in ("train", "val", "test")]
+    seeds = [range(split.first_seed, split.first_seed + len(split)) for split in splits]  # item i: first_seed + i
+    for a, b in itertools.combinations(seeds, 2):
+        assert max(a.start, b.start) >= min(a.stop, b.stop)  # no seed in two splits
+    last_and_first = [(split[len(split) - 1]["video"], split[0]["video"]) for split in splits]
+    for (_, first_a), (last_b, first_b) in itertools.permutations(last_and_first, 2):
+        assert not torch.equal(first_a, first_b) and not torch.equal(first_a, last_b)
 
 
 def test_synthetic_clips_item_is_the_render_clip_of_its_split_seed():
