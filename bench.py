@@ -27,6 +27,7 @@ import time
 import torch
 
 import camgeo
+import conditioning
 import distill
 import geometry
 
@@ -277,7 +278,7 @@ def bench_sampling(device, config, repeats, num_steps):
             optimizer = torch.optim.AdamW(model.parameters())
             training.save_checkpoint(folder, model, ema, optimizer, config, args, 0, [])
             loaded, info = camgeo.load_checkpoint(os.path.join(folder, training.CKPT_NAME), device=device)
-            camera, _, _ = camgeo.camera_inputs(clip["w2c"][None], clip["K"][None], method, 0.5,
+            camera, _, _ = conditioning.camera_inputs(clip["w2c"][None], clip["K"][None], method, 0.5,
                                                height=config.image_size, width=config.image_size)
             reference = clip["video"][None, 0].to(device)
 

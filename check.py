@@ -8,7 +8,7 @@ what the reference alone gives:
   world's true depth, occlusion-checked: geometry.covisible_mask), where a student that moves the reference with
   the camera scores high whatever it generates for content coming into view. Beside the samples: the reference
   reprojected through the true depth (the ceiling), the reference repeated (a still camera), and the reference
-  resampled along every frame's rays at infinity (the rotation-only warp, camgeo.reference_guess).
+  resampled along every frame's rays at infinity (the rotation-only warp, conditioning.reference_guess).
 
     python check.py out/camgeo/ckpt.safetensors --clips 32
     python check.py out/camgeo/ckpt.safetensors --against out/sparse/ckpt.safetensors --clips 64   # paired by clip
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 import camgeo
+import conditioning
 import geometry
 import report
 from evaluation import (STUDY_PRESETS, checkpoint_cameras, covisibility, covisible_psnr, held_out_clips,
@@ -39,7 +40,7 @@ SAMPLE_STEPS = 25
 def frame_groups(num_frames, ratio):
     """{name: frame indices} of the frames 1..F-1 scored: all of them, the keyframes, the frames in between (a
     group with no frame, e.g. in between for Full, is left out)."""
-    keyframes = set(camgeo.keyframe_indices(num_frames, ratio).tolist()) - {0}
+    keyframes = set(conditioning.keyframe_indices(num_frames, ratio).tolist()) - {0}
     groups = {"frames 1..F-1": list(range(1, num_frames)), "keyframes": sorted(keyframes),
               "in between": sorted(set(range(1, num_frames)) - keyframes)}
     return {name: frames for name, frames in groups.items() if frames}
@@ -104,7 +105,7 @@ def check_camera_following(ckpt, num_clips, sample_steps=SAMPLE_STEPS, cfg_scale
     """Does a checkpoint follow the cameras it is given? Returns Markdown: PSNR and SSIM against the ground truth
     (frames 1..F-1; keyframes and in-between frames apart) of its samples on held-out clips with their own cameras
     and with another clip's cameras (each clip takes the next one's: the image and prompt stay, only the camera is
-    wrong), next to repeating the reference frame and to the guess the model starts from (camgeo.reference_guess
+    wrong), next to repeating the reference frame and to the guess the model starts from (conditioning.reference_guess
     with its own cameras); then the co-visible table (covisible_table). frames_png: also draw the first four clips;
     estimate: also estimate the camera path of the samples with their own cameras (estimator.py, as the study
     does) and of repeating the reference; against: another checkpoint's samples, paired (check_against), for the
@@ -117,14 +118,14 @@ def check_camera_following(ckpt, num_clips, sample_steps=SAMPLE_STEPS, cfg_scale
     reference = truth[:, 0]
     videos = {"repeat the reference frame": reference[:, None].expand_as(truth),
               "reference resampled along the given rays (a new model's guess)":
-                  camgeo.reference_guess(reference, cameras)[1]}
+                  conditioning.reference_guess(reference, cameras)[1]}
     for name, camera in (("samples, own cameras", cameras), ("samples, another clip's cameras", cameras.roll(1, 0))):
         videos[name] = sample_clips(model, clips, camera, sample_steps, cfg_scale, device)
     if frames_png:
         report.draw_frames(clips[:4], [(name.split(", ")[1], video[:4]) for name, video in videos.items()
                                        if name.startswith("samples")], frames_png)
     groups = frame_groups(config.num_frames, ratio)
-    keyframes = camgeo.keyframe_indices(config.num_frames, ratio).tolist()
+    keyframes = conditioning.keyframe_indices(config.num_frames, ratio).tolist()
     header = " | ".join(f"PSNR {g} | SSIM {g}" for g in groups)
     lines = [f"`{ckpt}` ({method}, {ratio_label(ratio)} keyframes {keyframes}, step {info['step']}): "
              f"{num_clips} held-out clips, {sample_steps} Euler steps, guidance {cfg_scale}", "",
@@ -134,14 +135,14 @@ def check_camera_following(ckpt, num_clips, sample_steps=SAMPLE_STEPS, cfg_scale
                  for frames in groups.values() for metric, digits in ((geometry.psnr, 2), (geometry.ssim, 3))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     # the rotation-only warp: the reference moved along every frame's rays at infinity, every pose given
-    every_pose = torch.cat([camgeo.camera_inputs(geometry.invert_pose(clip.c2w)[None], clip.K[None], "full", 1.0,
+    every_pose = torch.cat([conditioning.camera_inputs(geometry.invert_pose(clip.c2w)[None], clip.K[None], "full", 1.0,
                                                  height=config.image_size, width=config.image_size)[0]
                             for clip in clips])
     references = {"reference reprojected through the true depth (ceiling)":
                       torch.stack([covisibility(c.video, c.depth, c.c2w, c.K)[1] for c in clips]),
                   "reference repeated (a still camera)": videos["repeat the reference frame"],
                   "reference resampled along every pose's rays (rotation-only warp)":
-                      camgeo.reference_guess(reference, every_pose)[1],
+                      conditioning.reference_guess(reference, every_pose)[1],
                   "samples, own cameras": videos["samples, own cameras"]}
     lines += ["", *covisible_table(clips, references, keyframes)]
     if estimate:

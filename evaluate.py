@@ -37,6 +37,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 import camgeo
+import conditioning
 import estimator
 import report
 from evaluation import (ABLATIONS, METHOD_NAMES, SAMPLE_SEED, STUDY_PRESETS, TABLE_ORDER, all_metrics, camera_for,
@@ -259,7 +260,7 @@ def run_study(args):
     few = clips[:preset.plot_clips]
     report.draw_trajectories(few, [(f"{r.label} ({ratio_label(r.ratio)})", results[r.name]["paths"][:len(few)])
                             for r in shown], os.path.join(args.out, "trajectories.png"),
-                      camgeo.keyframe_indices(model_config.num_frames, preset.ratios[0]).tolist())
+                      conditioning.keyframe_indices(model_config.num_frames, preset.ratios[0]).tolist())
     report.draw_frames(few[:2], [(f"{r.label} ({ratio_label(r.ratio)})", results[r.name]["videos"][:2]) for r in shown],
                 os.path.join(args.out, "frames.png"))
     print(open(os.path.join(args.out, "table.md")).read())

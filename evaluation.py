@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import camgeo
+import conditioning
 import data
 import estimator
 import geometry
@@ -91,17 +92,17 @@ def summarise(values):
 
 
 def camera_for(clip, method, ratio, size):
-    """What a checkpoint of `method` is conditioned on for this clip: (1, F, camgeo.CAMERA_CHANNELS, size, size),
-    as in training (camgeo.camera_inputs: keyframes and mask for the sparse-style methods, interpolated poses for
+    """What a checkpoint of `method` is conditioned on for this clip: (1, F, conditioning.CAMERA_CHANNELS, size, size),
+    as in training (conditioning.camera_inputs: keyframes and mask for the sparse-style methods, interpolated poses for
     linear / SLERP, every pose for full)."""
-    camera, _, _ = camgeo.camera_inputs(geometry.invert_pose(clip.c2w)[None], clip.K[None], method, ratio,
+    camera, _, _ = conditioning.camera_inputs(geometry.invert_pose(clip.c2w)[None], clip.K[None], method, ratio,
                                         height=size, width=size)
     return camera
 
 
 def checkpoint_cameras(info, clips):
     """What a loaded checkpoint (camgeo.load_checkpoint's info) is conditioned on for every clip, batched:
-    -> (cameras (C, F, camgeo.CAMERA_CHANNELS, size, size), its keyframe ratio)."""
+    -> (cameras (C, F, conditioning.CAMERA_CHANNELS, size, size), its keyframe ratio)."""
     ratio = info["options"].get("sparse", 0.5)
     return torch.cat([camera_for(clip, info["method"], ratio, info["config"].image_size) for clip in clips]), ratio
 

@@ -20,7 +20,7 @@ poses.json:
      "prompt": "a room with ..."}          # optional; --prompt overrides
 Cameras are OpenCV (x right, y down, z forward). A keyframe without "intrinsics" reuses the previous
 keyframe's; with none at all, DEFAULT_FOV_DEG. Only relative motion matters: poses are taken relative to frame
-0 and translations are rescaled (camgeo.camera_conditioning). A RealEstate10K camera file (.txt) is accepted too:
+0 and translations are rescaled (conditioning.camera_conditioning). A RealEstate10K camera file (.txt) is accepted too:
 num_frames frames evenly spaced over the file become keyframes (all of them, or --keyframes RATIO of them).
 
 Bad input (unreadable or malformed files, bad poses, a missing checkpoint) ends with a one-line error and
@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 import camgeo
+import conditioning
 import data
 import geometry
 import re10k
@@ -192,7 +193,7 @@ def parse_re10k(path, num_frames, keyframe_ratio):
         raise InputError(f"{path} contains NaN or infinity")
     given = range(num_frames)
     if keyframe_ratio is not None:
-        given = camgeo.keyframe_indices(num_frames, keyframe_ratio).tolist()
+        given = conditioning.keyframe_indices(num_frames, keyframe_ratio).tolist()
     poses = {f: w2c[f] for f in given}
     for f in given:
         rotation_from(w2c[f, :3, :3].tolist(), f"{path} camera {chosen[f]} rotation")
@@ -258,7 +259,7 @@ def load_student(path, device):
 
 
 def conditioning_for(poses, method, size):
-    """Model camera input (1, F, camgeo.CAMERA_CHANNELS, H, W) from parsed poses, the way the checkpoint's
+    """Model camera input (1, F, conditioning.CAMERA_CHANNELS, H, W) from parsed poses, the way the checkpoint's
     method was trained."""
     w2c = torch.tensor(poses["w2c"], dtype=torch.float32)[None]
     mask = torch.tensor(poses["keyframe_mask"], dtype=torch.float32)[None]
@@ -268,7 +269,7 @@ def conditioning_for(poses, method, size):
     elif method in ("linear", "slerp") and not bool(mask.all()):
         note(f"the checkpoint is the {method} baseline: poses missing from the file are filled by {method} "
              f"interpolation of the given ones")
-    return camgeo.keyframe_camera(w2c, K, mask, method, size, size)[0]
+    return conditioning.keyframe_camera(w2c, K, mask, method, size, size)[0]
 
 
 # -----------------------------------------------------------------------------
@@ -333,7 +334,7 @@ def main(argv=None):
     given = [int(i) for i in np.flatnonzero(poses["keyframe_mask"])]
     options = info["options"]
     if info["method"] == "sparse" and not options.get("random_keyframes") and "sparse" in options:
-        trained = camgeo.keyframe_indices(config.num_frames, options["sparse"]).tolist()
+        trained = conditioning.keyframe_indices(config.num_frames, options["sparse"]).tolist()
         if given != trained:
             note(f"the checkpoint was trained with poses at frames {trained}; poses at {given} are outside "
                  f"what it has seen (train with --random-keyframes for arbitrary keyframes)")

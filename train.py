@@ -32,7 +32,7 @@ alpha and beta of the curriculum, the teacher's weight multiple that step, lr, g
 ckpt.safetensors and never the teacher. The options, one step's loss and the checkpoint format are training.py's
 (shared with bench.py and the study); the distillation's options are the fields of distill.DistillConfig.
 
-Camera conditioning per method (keyframes: camgeo.camera_inputs):
+Camera conditioning per method (keyframes: conditioning.camera_inputs):
   camgeo / sparse  poses at the keyframes only, keyframe mask 1 there and 0 elsewhere (the model sees what is
           missing); camgeo adds the teacher's losses on the predicted video (the CamGeo distillation, distill.py)
   full    every pose, mask all ones

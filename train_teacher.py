@@ -16,6 +16,7 @@ import time
 
 import torch
 
+import conditioning
 import data
 import geometry
 from distill import teacher_geometry
@@ -144,7 +145,7 @@ def student_predictions(student_path, t):
     @torch.no_grad()
     def frames(video, batch, start):
         size = video.shape[-1]
-        camera, _, _ = camgeo.camera_inputs(batch["w2c"], batch["K"], method, ratio, height=size, width=size)
+        camera, _, _ = conditioning.camera_inputs(batch["w2c"], batch["K"], method, ratio, height=size, width=size)
         noise = torch.randn(video.shape, generator=torch.Generator().manual_seed(start))
         x0 = video * 2 - 1
         x_t = (1 - t) * x0 + t * noise

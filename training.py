@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 import camgeo
+import conditioning
 import distill
 import teacher
 
@@ -158,13 +159,13 @@ def step_losses(args, model, teacher_model, geometry_pairs, batch, step, generat
     multiple of the distillation weights this step: teacher_every on the steps the teacher runs, else 0).
     config is the student's camgeo.CamGeoConfig; the distillation's choices are args.distill."""
     batch = {key: (value.to(device) if torch.is_tensor(value) else value) for key, value in batch.items()}
-    camera, keyframe_mask, _ = camgeo.camera_inputs(batch["w2c"], batch["K"], args.method, args.sparse,
+    camera, keyframe_mask, _ = conditioning.camera_inputs(batch["w2c"], batch["K"], args.method, args.sparse,
                                                     args.random_keyframes, generator, config.image_size,
                                                     config.image_size)
     depth_target = None
     if "depth" in batch:  # the depth head learns the reference's depth where the data has it
-        given = camera[:, :, camgeo.MASK_CHANNELS].amax(dim=(2, 3, 4))  # (B, F) the poses the student was given
-        depth_target = camgeo.reference_inverse_depth(batch["depth"][:, 0], batch["w2c"], given)
+        given = camera[:, :, conditioning.MASK_CHANNELS].amax(dim=(2, 3, 4))  # (B, F) the poses the student was given
+        depth_target = conditioning.reference_inverse_depth(batch["depth"][:, 0], batch["w2c"], given)
     out = camgeo.training_losses(model, batch["video"], batch["prompt"], camera, generator, depth_target)
     terms = {"loss_diff": out["loss"], "loss_depth": out["loss_depth"]}
     if args.method != "camgeo":

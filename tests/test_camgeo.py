@@ -1,34 +1,24 @@
-"""The student model (camgeo.py): shapes, adaLN-Zero, conditioning (keyframes, each method's camera inputs), CFG
-dropout, rectified flow, sampler."""
+"""The student model (camgeo.py): shapes, adaLN-Zero, the depth and copy heads, CFG dropout, rectified flow,
+sampler."""
 
 import pytest
 import torch
 
 import camgeo
+import conditioning
 import data
 import geometry
+from test_conditioning import intrinsics, random_w2c
 
 CONFIG = camgeo.PRESETS["smoke"]
 F, S = CONFIG.num_frames, CONFIG.image_size
-
-
-def random_w2c(batch, num_frames, seed=0):
-    """Random rigid w2c poses (rotations from random quaternions, translations of about a metre)."""
-    g = torch.Generator().manual_seed(seed)
-    R = geometry.quat_to_mat(torch.randn(batch, num_frames, 4, generator=g))
-    t = torch.randn(batch, num_frames, 3, generator=g)
-    return geometry.to_homogeneous(torch.cat([R, t[..., None]], dim=-1))
-
-
-def intrinsics(batch, num_frames, size=S):
-    return torch.tensor([0.8 * size, 0.8 * size, size / 2, size / 2]).expand(batch, num_frames, 4)
 
 
 def inputs(batch=2, mask=None, seed=0):
     g = torch.Generator().manual_seed(seed)
     video = torch.rand(batch, F, 3, S, S, generator=g)
     mask = torch.ones(batch, F) if mask is None else mask
-    camera = camgeo.camera_conditioning(random_w2c(batch, F, seed), intrinsics(batch, F), mask, S, S)
+    camera = conditioning.camera_conditioning(random_w2c(batch, F, seed), intrinsics(batch, F), mask, S, S)
     return video, ["a red room with a blue ball"] * batch, camera
 
 
@@ -55,7 +45,7 @@ def test_preset_model_denoises_a_clip_of_its_own_size(name):
     size, frames = config.image_size, config.num_frames
     w2c = torch.eye(4).expand(1, frames, 4, 4)
     K = torch.tensor([[size, 0, size / 2], [0, size, size / 2], [0, 0, 1]]).expand(1, 3, 3)
-    camera, _, _ = camgeo.camera_inputs(w2c, K, "full", 1.0, height=size, width=size)
+    camera, _, _ = conditioning.camera_inputs(w2c, K, "full", 1.0, height=size, width=size)
     x_t = torch.randn(1, frames, 3, size, size)
     with torch.no_grad():
         x0_hat = model(x_t, torch.tensor([0.5]), x_t[:, 0], ["a room"], camera)
@@ -79,15 +69,16 @@ def test_block_is_not_identity_once_modulation_is_nonzero():
 
 def start_weights():
     """A new CopyHead's softmax weights: COPY_START_LOGIT for the rotation-only warp, 0 for every other choice."""
-    logits = torch.zeros(camgeo.NUM_PLANES + 1)
+    logits = torch.zeros(conditioning.NUM_PLANES + 1)
     logits[0] = camgeo.COPY_START_LOGIT
     return logits.softmax(0)
 
 
 def test_new_model_predicts_its_starting_mixture_of_the_planes():
     """The copy head's last convolution starts at zero, so a new model returns the same mixture at every pixel:
-    mostly the reference on the plane at infinity (the rotation-only warp), a little of every other plane. Planes are the reference moved along each frame's rays (the interpolated pose's where none is given),
-    and the reference itself when the camera is dropped (guidance's unconditional branch)."""
+    mostly the reference on the plane at infinity (the rotation-only warp), a little of every other plane. Planes
+    are the reference moved along each frame's rays (the interpolated pose's where none is given), and the
+    reference itself when the camera is dropped (guidance's unconditional branch)."""
     model = camgeo.CamGeo(CONFIG).eval()
     mask = torch.ones(2, F)
     mask[:, 1] = 0
@@ -96,42 +87,17 @@ def test_new_model_predicts_its_starting_mixture_of_the_planes():
     x0_hat = model(x_t, torch.rand(2), video[:, 0], prompts, camera)
     weights = start_weights()
     for frame in range(F):
-        grids = camera[:, frame, camgeo.GRID_CHANNELS].unflatten(1, (camgeo.NUM_PLANES, 2))
+        grids = camera[:, frame, conditioning.GRID_CHANNELS].unflatten(1, (conditioning.NUM_PLANES, 2))
         planes = [torch.nn.functional.grid_sample(video[:, 0], grids[:, k].permute(0, 2, 3, 1),
                                                   padding_mode="border", align_corners=False)
-                  for k in range(camgeo.NUM_PLANES)]
+                  for k in range(conditioning.NUM_PLANES)]
         generated = planes[0]  # the warp plus a change that starts at zero
         expected = sum(w * c for w, c in zip(weights, [*planes, generated]))
         torch.testing.assert_close(x0_hat[:, frame], expected)
-    warp = camgeo.reference_guess(video[:, 0], camera)
+    warp = conditioning.reference_guess(video[:, 0], camera)
     assert not torch.allclose(warp[:, 2], video[:, 0], atol=1e-3)  # not vacuous: the random pose moves it
     dropped = model(x_t, torch.rand(2), video[:, 0], prompts, camera, force_drop=torch.tensor([True, True]))
     torch.testing.assert_close(dropped, video[:, :1].expand_as(video))
-
-
-def test_plane_sweep_grid_is_where_the_point_at_that_inverse_distance_projects():
-    """Independent of reference_grids' algebra: put the point o + d / rho of each ray in frame 0's camera frame and
-    project it with geometry.project_points."""
-    c2w = torch.eye(4).repeat(1, F, 1, 1)  # a camera sliding right and forward while turning a little
-    c2w[0, :, :3, :3] = torch.stack([torch.tensor(data.yaw_rotation(0.2 * f / F), dtype=torch.float32)
-                                     for f in range(F)])
-    c2w[0, :, :3, 3] = torch.linspace(0, 1, F)[:, None] * torch.tensor([0.3, 0.0, 0.2])
-    w2c = geometry.invert_pose(c2w)
-    K = intrinsics(1, F)
-    camera = camgeo.camera_conditioning(w2c, K, torch.ones(1, F), S, S)
-    c2w = camgeo.keyframe_relative_c2w(w2c, torch.ones(1, F))
-    directions = geometry.plucker_embedding(K, c2w, S, S)[:, :, 3:]  # (1, F, 3, H, W), unit, frame-0 coordinates
-    K_matrix = torch.tensor([[K[0, 0, 0], 0, K[0, 0, 2]], [0, K[0, 0, 1], K[0, 0, 3]], [0, 0, 1]])[None]
-    grids = camera[:, :, camgeo.GRID_CHANNELS].unflatten(2, (camgeo.NUM_PLANES, 2))  # (1, F, D, 2, H, W)
-    frame, checked = F - 1, 0
-    for k, rho in enumerate(camgeo.PLANE_INVERSE_DEPTHS[1:], start=1):
-        points = c2w[0, frame, :3, 3] + directions[0, frame].permute(1, 2, 0) / rho  # (H, W, 3)
-        uv, z = geometry.project_points(points[None], K_matrix)
-        expected = torch.stack([uv[0, ..., 0] / S * 2 - 1, uv[0, ..., 1] / S * 2 - 1], dim=0)
-        usable = (z[0] > 1e-2) & (expected.abs() < 1.9).all(0)  # in front and not clamped
-        torch.testing.assert_close(grids[0, frame, k][:, usable], expected[:, usable], atol=1e-4, rtol=1e-4)
-        checked += int(usable.sum())
-    assert checked > S * S  # not vacuous
 
 
 def test_samples_do_not_change_when_every_translation_is_scaled():
@@ -145,41 +111,14 @@ def test_samples_do_not_change_when_every_translation_is_scaled():
     scaled[..., :3, 3] *= 10
     mask = torch.ones(1, F)
     mask[0, 2] = 0
-    cameras = [camgeo.camera_conditioning(poses, intrinsics(1, F), mask, S, S) for poses in (w2c, scaled)]
+    cameras = [conditioning.camera_conditioning(poses, intrinsics(1, F), mask, S, S) for poses in (w2c, scaled)]
     samples = [camgeo.sample(model, video[:, 0], prompts, camera, num_steps=4, cfg_scale=2.0, seed=0)
                for camera in cameras]
     torch.testing.assert_close(samples[0], samples[1], atol=1e-4, rtol=0)
     moved = camgeo.sample(model, video[:, 0], prompts,
-                          camgeo.camera_conditioning(random_w2c(1, F, seed=5), intrinsics(1, F), mask, S, S),
+                          conditioning.camera_conditioning(random_w2c(1, F, seed=5), intrinsics(1, F), mask, S, S),
                           num_steps=4, cfg_scale=2.0, seed=0)
     assert (moved - samples[0]).abs().max() > 1e-2  # not vacuous: another path does change them
-
-
-def test_missing_pose_differs_from_identity_pose_in_conditioning():
-    eye = torch.eye(4).expand(1, F, 4, 4)
-    given = camgeo.camera_conditioning(eye, intrinsics(1, F), torch.ones(1, F), S, S)
-    mask = torch.ones(1, F)
-    mask[0, 1] = 0
-    missing = camgeo.camera_conditioning(eye, intrinsics(1, F), mask, S, S)
-    assert torch.count_nonzero(missing[0, 1, :6]) == 0  # no pose: Plücker channels zero
-    assert torch.count_nonzero(missing[0, 1, camgeo.MASK_CHANNELS]) == 0  # and the mask channel too
-    assert torch.all(given[0, 1, -1] == 1)  # identity pose: the mask channel (last) says "given"
-
-
-def test_frame_without_pose_copies_along_the_pose_interpolated_between_its_keyframes():
-    """The sweep at a frame without a pose is the one its SLERP-interpolated pose would give, whatever garbage the
-    caller left in that pose; the Plücker channels, which tell the model poses, stay zero there."""
-    w2c = random_w2c(1, F, seed=6)
-    mask = torch.ones(1, F)
-    mask[0, 1] = 0
-    garbage = w2c.clone()
-    garbage[0, 1] = 0
-    missing = camgeo.camera_conditioning(garbage, intrinsics(1, F), mask, S, S)
-    filled = camgeo.camera_conditioning(camgeo.fill_missing_poses(w2c, mask, "slerp"), intrinsics(1, F),
-                                        torch.ones(1, F), S, S)
-    sweep = slice(camgeo.GRID_CHANNELS.start, camgeo.PLANE_DEPTH_CHANNELS.stop)
-    torch.testing.assert_close(missing[0, 1, sweep], filled[0, 1, sweep])
-    assert not torch.allclose(missing[0, 1, sweep], filled[0, 2, sweep])  # not vacuous: frames differ
 
 
 def test_keyframe_mask_changes_model_output():
@@ -190,60 +129,11 @@ def test_keyframe_mask_changes_model_output():
     mask[0, 1:] = 0
     video = torch.rand(1, F, 3, S, S)
     t = torch.tensor([0.5])
-    out_identity = model(video, t, video[:, 0], ["room"], camgeo.camera_conditioning(eye, intrinsics(1, F),
+    out_identity = model(video, t, video[:, 0], ["room"], conditioning.camera_conditioning(eye, intrinsics(1, F),
                                                                                    torch.ones(1, F), S, S))
-    out_missing = model(video, t, video[:, 0], ["room"], camgeo.camera_conditioning(eye, intrinsics(1, F), mask,
+    out_missing = model(video, t, video[:, 0], ["room"], conditioning.camera_conditioning(eye, intrinsics(1, F), mask,
                                                                                   S, S))
     assert not torch.allclose(out_identity, out_missing, atol=1e-4)
-
-
-def test_camera_conditioning_ignores_world_frame_and_scale():
-    w2c = random_w2c(1, F, seed=3)
-    mask = torch.ones(1, F)
-    base = camgeo.camera_conditioning(w2c, intrinsics(1, F), mask, S, S)
-    # move the whole world rigidly and scale it: c2w' = G c2w with translations scaled by 3
-    G = random_w2c(1, 1, seed=4)[:, 0]
-    c2w = G[:, None] @ geometry.invert_pose(w2c)
-    c2w = torch.cat([torch.cat([c2w[..., :3, :3], 3 * c2w[..., :3, 3:]], -1), c2w[..., 3:, :]], -2)
-    moved = camgeo.camera_conditioning(geometry.invert_pose(c2w), intrinsics(1, F), mask, S, S)
-    assert torch.allclose(base, moved, atol=1e-4)
-
-
-def test_camera_conditioning_scale_comes_from_given_poses_only():
-    w2c = random_w2c(1, F, seed=5)
-    mask = torch.ones(1, F)
-    mask[0, 1] = 0
-    camera = camgeo.camera_conditioning(w2c, intrinsics(1, F), mask, S, S)
-    other = w2c.clone()
-    other[0, 1, :3, 3] *= 100  # a far-away pose that is not given must not change the scale
-    assert torch.allclose(camera, camgeo.camera_conditioning(other, intrinsics(1, F), mask, S, S))
-
-
-def test_reference_grid_is_the_identity_for_the_reference_pose():
-    eye = torch.eye(4).expand(1, F, 4, 4)
-    camera = camgeo.camera_conditioning(eye, intrinsics(1, F), torch.ones(1, F), S, S)
-    reference = torch.rand(1, 3, S, S)
-    resampled = torch.nn.functional.grid_sample(reference, camera[:, 1, 6:8].permute(0, 2, 3, 1),
-                                                align_corners=False)
-    torch.testing.assert_close(resampled, reference, atol=1e-5, rtol=0)
-
-
-def test_reference_grid_matches_projecting_far_points_into_the_reference():
-    """Independent derivation: put each pixel's point a million units away, move it into frame 0 with the full
-    pose (translation included: it must not matter at infinity) and project it with K."""
-    w2c = random_w2c(1, F, seed=11).double()
-    K = intrinsics(1, F).double()
-    camera = camgeo.camera_conditioning(w2c, K, torch.ones(1, F), S, S)
-    K3 = torch.tensor([[K[0, 0, 0], 0, K[0, 0, 2]], [0, K[0, 0, 1], K[0, 0, 3]], [0, 0, 1]], dtype=torch.float64)
-    c2w = geometry.relative_to_first(geometry.invert_pose(w2c))[0]  # (F, 4, 4), frame 0 = I
-    far = geometry.unproject_depth(torch.full((F, S, S), 1e6, dtype=torch.float64), K3.expand(F, 3, 3))
-    uv, z = geometry.project_points(geometry.transform_points(c2w, far), K3.expand(F, 3, 3))
-    expected = uv / S * 2 - 1  # grid_sample coordinates, align_corners=False
-    grid = camera[0, :, 6:8].permute(0, 2, 3, 1)  # (F, S, S, 2)
-    lands = (z > 0) & (expected.abs() < 2).all(-1)
-    torch.testing.assert_close(grid[lands], expected[lands], atol=1e-4, rtol=0)
-    assert lands.float().mean() > 0.25  # not vacuous: a good part of each frame sees the reference
-    assert torch.all(grid[~lands].abs().amax(-1) == 2)  # behind the camera or far off: clamped outside the image
 
 
 def test_dropped_camera_hides_the_resampled_reference_too():
@@ -258,13 +148,6 @@ def test_dropped_camera_hides_the_resampled_reference_too():
     torch.testing.assert_close(a, b)
     assert not torch.allclose(model(video, t, video[:, 0], prompts, camera),
                               model(video, t, video[:, 0], prompts, other_camera), atol=1e-4)
-
-
-def test_camera_conditioning_rejects_missing_frame_zero():
-    mask = torch.ones(1, F)
-    mask[0, 0] = 0
-    with pytest.raises(ValueError, match="frame 0"):
-        camgeo.camera_conditioning(random_w2c(1, F), intrinsics(1, F), mask, S, S)
 
 
 def test_text_dropout_replaces_prompt_with_null_embedding():
@@ -298,7 +181,7 @@ def test_tokenize_offsets_mark_where_each_prompt_starts():
 
 def test_camera_dropout_replaces_camera_tokens_with_null_embedding():
     embedder = camgeo.CameraEmbedder(4, 8, drop_prob=0.0).eval()
-    camera = torch.randn(2, F, camgeo.CAMERA_CHANNELS, S, S)
+    camera = torch.randn(2, F, conditioning.CAMERA_CHANNELS, S, S)
     out = embedder(camera, torch.tensor([True, False]))
     assert torch.equal(out[0], embedder.null_embedding.expand_as(out[0]))
     assert not torch.allclose(out[1], embedder.null_embedding.expand_as(out[1]))
@@ -373,8 +256,9 @@ def test_overfitting_one_clip_reduces_the_loss():
     model = camgeo.CamGeo(CONFIG)
     clip = data.render_clip(0, F, S, S)
     video = clip["video"].expand(4, -1, -1, -1, -1)
-    camera = camgeo.camera_conditioning(clip["w2c"].expand(4, -1, -1, -1),
-                                        camgeo.intrinsics_vector(clip["K"]).expand(4, F, 4), torch.ones(4, F), S, S)
+    camera = conditioning.camera_conditioning(clip["w2c"].expand(4, -1, -1, -1),
+                                              conditioning.intrinsics_vector(clip["K"]).expand(4, F, 4),
+                                              torch.ones(4, F), S, S)
     prompts = [clip["prompt"]] * 4
 
     def fixed_loss():  # same t and noise every time, no dropout
@@ -407,98 +291,15 @@ def test_depth_head_is_trained_toward_the_reference_inverse_depth_it_is_given():
     assert model.depth_head.net[0].weight.grad.abs().sum() > 0
 
 
-def test_reference_inverse_depth_is_in_the_unit_of_the_given_translations():
-    """Depth 2 m with the largest given camera move 0.5 m: inverse depth 0.25 in the poses' unit, whatever frame
-    beyond the keyframes moved further."""
-    c2w = torch.eye(4).repeat(1, 3, 1, 1)
-    c2w[0, 1, :3, 3] = torch.tensor([0.3, 0.0, 0.4])  # 0.5 m from frame 0
-    c2w[0, 2, :3, 3] = torch.tensor([3.0, 0.0, 0.0])  # not given
-    depth = torch.full((1, 4, 4), 2.0)
-    rho = camgeo.reference_inverse_depth(depth, geometry.invert_pose(c2w), torch.tensor([[1.0, 1.0, 0.0]]))
-    torch.testing.assert_close(rho, torch.full((1, 4, 4), 0.25))
-
-
 def test_depth_agreement_is_zero_on_the_plane_holding_the_surface_the_reference_sees():
     """A wall facing frame 0 at inverse depth rho (in the poses' unit), a camera slid sideways by one unit: a ray of
     the moved camera meets the wall at inverse distance rho * cos, and the plane at that inverse distance reads the
     wall's own inverse depth in the reference. Centre pixel (cos = 1): the plane at rho agrees, the others do not."""
     c2w = torch.eye(4).repeat(1, 2, 1, 1)
     c2w[0, 1, 0, 3] = 1.0
-    size, rho = 33, camgeo.PLANE_INVERSE_DEPTHS[3]
+    size, rho = 33, conditioning.PLANE_INVERSE_DEPTHS[3]
     K = torch.tensor([size / 2, size / 2, size / 2, size / 2]).expand(1, 2, 4)
-    camera = camgeo.camera_conditioning(geometry.invert_pose(c2w), K, torch.ones(1, 2), size, size)
+    camera = conditioning.camera_conditioning(geometry.invert_pose(c2w), K, torch.ones(1, 2), size, size)
     costs = camgeo.depth_agreement(torch.full((1, size, size), rho), camera)  # (1, 2, D, H, W)
     centre = costs[0, 1, :, size // 2, size // 2]
-    assert centre[3] < 1e-5 and (centre[torch.arange(camgeo.NUM_PLANES) != 3] > 0.05).all()
-
-
-# -----------------------------------------------------------------------------
-# keyframes and the camera inputs of each method
-
-
-def two_clips(num_frames=8, size=16):
-    """Two synthetic clips stacked as a training batch: w2c (2, F, 4, 4), K (2, 3, 3)."""
-    clips = [data.render_clip(seed, num_frames, size, size) for seed in (0, 1)]
-    return {key: torch.stack([clip[key] for clip in clips]) for key in ("w2c", "K")}
-
-
-@pytest.mark.parametrize("num_frames", [4, 5, 8, 13, 16, 25])
-@pytest.mark.parametrize("ratio", [1 / 2, 1 / 3, 1 / 4])
-def test_keyframe_indices_include_first_and_last_sorted_unique_with_stated_count(num_frames, ratio):
-    index = camgeo.keyframe_indices(num_frames, ratio)
-    assert index[0] == 0 and index[-1] == num_frames - 1
-    assert torch.equal(index, torch.unique(index))  # sorted and unique
-    assert len(index) == max(2, round(ratio * num_frames))
-
-
-def test_keyframe_indices_are_evenly_spaced():
-    assert camgeo.keyframe_indices(9, 1 / 3).tolist() == [0, 4, 8]
-    gaps = torch.diff(camgeo.keyframe_indices(16, 1 / 4))
-    assert gaps.max() - gaps.min() <= 1
-
-
-def test_keyframe_indices_reject_bad_ratio():
-    with pytest.raises(ValueError, match="ratio"):
-        camgeo.keyframe_indices(8, 0.0)
-
-
-def test_random_keyframes_have_frame_zero_and_the_stated_count():
-    mask = camgeo.random_keyframe_mask(64, 8, 0.5, torch.Generator().manual_seed(0))
-    assert torch.all(mask[:, 0] == 1) and torch.all(mask.sum(1) == 4)
-    assert len({tuple(row.tolist()) for row in mask}) > 1  # differ per sample
-
-
-@pytest.mark.parametrize("method", ["linear", "slerp"])
-def test_interpolated_poses_equal_ground_truth_at_keyframes(method):
-    clips = two_clips()
-    _, keyframe_mask, w2c_used = camgeo.camera_inputs(clips["w2c"], clips["K"], method, 1 / 3, height=16, width=16)
-    keyframes = keyframe_mask[0].bool()
-    assert torch.allclose(w2c_used[:, keyframes], clips["w2c"][:, keyframes], atol=1e-5)
-    assert not torch.allclose(w2c_used[:, ~keyframes], clips["w2c"][:, ~keyframes], atol=1e-4)
-
-
-@pytest.mark.parametrize("method", ["linear", "slerp"])
-def test_interpolated_conditioning_equals_sparse_conditioning_at_keyframes_and_is_all_given(method):
-    clips = two_clips()
-    sparse, mask, _ = camgeo.camera_inputs(clips["w2c"], clips["K"], "sparse", 1 / 3, height=16, width=16)
-    filled, _, _ = camgeo.camera_inputs(clips["w2c"], clips["K"], method, 1 / 3, height=16, width=16)
-    keyframes = mask[0].bool()
-    assert torch.allclose(filled[:, keyframes], sparse[:, keyframes], atol=1e-4)
-    assert torch.all(filled[:, :, -1] == 1)  # the mask channel (last): interpolated poses are given as if known
-
-
-def test_sparse_conditioning_tells_no_pose_away_from_keyframes():
-    clips = two_clips()
-    camera, mask, _ = camgeo.camera_inputs(clips["w2c"], clips["K"], "sparse", 1 / 2, height=16, width=16)
-    missing = camera[:, ~mask[0].bool()]
-    assert torch.count_nonzero(missing[:, :, :6]) == 0 and torch.count_nonzero(missing[:, :, -1]) == 0
-    assert torch.all(camera[:, mask[0].bool(), -1] == 1)
-
-
-def test_full_conditioning_uses_every_ground_truth_pose():
-    clips = two_clips()
-    camera, mask, w2c_used = camgeo.camera_inputs(clips["w2c"], clips["K"], "full", 1 / 4, height=16, width=16)
-    assert torch.all(mask == 1) and torch.equal(w2c_used, clips["w2c"])
-    c2w = geometry.normalize_translation(geometry.relative_to_first(geometry.invert_pose(clips["w2c"])))
-    K = camgeo.intrinsics_vector(clips["K"])[:, None].expand(-1, 8, -1)
-    assert torch.allclose(camera[:, :, :6], geometry.plucker_embedding(K, c2w, 16, 16), atol=1e-4)
+    assert centre[3] < 1e-5 and (centre[torch.arange(conditioning.NUM_PLANES) != 3] > 0.05).all()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import camgeo
+import conditioning
 import check
 import geometry
 import sample
@@ -51,7 +52,7 @@ def test_covisible_table_puts_the_ceiling_on_top_and_the_still_camera_where_the_
     info = camgeo.load_checkpoint(ckpt)[1]
     num_frames = info["config"].num_frames
     assert all(len(cells) == num_frames + 1 for cells in rows.values())  # mean, frames 1..F-1, full frame
-    given = camgeo.keyframe_indices(num_frames, 0.5).tolist()  # the smoke study's Sparse run: 1/2
+    given = conditioning.keyframe_indices(num_frames, 0.5).tolist()  # the smoke study's Sparse run: 1/2
     assert all((f"| frame {f} (key) |" in text) == (f in given) for f in range(1, num_frames))
     ceiling, still = (rows[name] for name in list(rows)[:2])
     assert all(float(c) > float(s) for c, s in zip(ceiling[:-1], still[:-1]))

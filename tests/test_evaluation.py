@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import camgeo
+import conditioning
 import data
 import evaluation
 import geometry
@@ -30,7 +30,7 @@ def test_test_clips_come_from_the_held_out_split():
 def test_camera_given_to_each_method_matches_training(clips, method):
     clip = clips[0]
     w2c = geometry.invert_pose(clip.c2w)[None]
-    expected, _, _ = camgeo.camera_inputs(w2c, clip.K[None], method, 0.5, height=32, width=32)
+    expected, _, _ = conditioning.camera_inputs(w2c, clip.K[None], method, 0.5, height=32, width=32)
     assert torch.allclose(evaluation.camera_for(clip, method, 0.5, 32), expected, atol=1e-6)
 
 

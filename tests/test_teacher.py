@@ -7,7 +7,6 @@ rounding means the released VGGT-1B weights run here, and CamGeo's losses reach 
 the same gradient the official model gives.
 """
 import json
-import math
 import os
 
 import pytest

@@ -17,7 +17,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules, one up
 
-import camgeo  # noqa: E402
+import conditioning  # noqa: E402
 import data  # noqa: E402
 import geometry  # noqa: E402
 
@@ -36,7 +36,7 @@ def write_path(folder, name, c2w_at, num_frames, keyframe_ratio, fov_deg, prompt
     """name.json: the poses c2w_at(eased time) at the keyframes, one keyframe a line (easy to edit); the orbit's
     rotations as XYZW quaternions, to show the other format sample.py reads."""
     keyframes = []
-    for frame in camgeo.keyframe_indices(num_frames, keyframe_ratio).tolist():
+    for frame in conditioning.keyframe_indices(num_frames, keyframe_ratio).tolist():
         w2c = np.linalg.inv(c2w_at(data.ease(frame / (num_frames - 1))))
         entry = {"frame": frame, "rotation": np.round(w2c[:3, :3], 6).tolist(),
                  "translation": np.round(w2c[:3, 3], 6).tolist()}

@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules, one up
 
 import camgeo  # noqa: E402
+import conditioning  # noqa: E402
 import data  # noqa: E402
 import distill  # noqa: E402
 import estimator  # noqa: E402
@@ -37,7 +38,7 @@ def student_prediction(student_path, t):
     @torch.no_grad()
     def frames(video, batch, start):
         size = video.shape[-1]
-        camera, _, _ = camgeo.camera_inputs(batch["w2c"], batch["K"], method, ratio, height=size, width=size)
+        camera, _, _ = conditioning.camera_inputs(batch["w2c"], batch["K"], method, ratio, height=size, width=size)
         x0 = video * 2 - 1
         x_t = (1 - t) * x0 + t * torch.randn(video.shape, generator=torch.Generator().manual_seed(start))
         x0_hat = student(x_t, torch.full((video.shape[0],), t), x0[:, 0], batch["prompt"], camera)
@@ -64,7 +65,7 @@ def frame_pulls(model, clips, frames, reference_frame0, gradient_sigma, ratio=0.
         _, depth_term, smooth_term = distill.geometry_loss(seen["depth"], seen["extrinsics"], seen["intrinsics"],
                                                            seen_frames)
         keyframes = torch.zeros(B, num_frames, dtype=torch.bool)
-        keyframes[:, camgeo.keyframe_indices(num_frames, ratio)] = True
+        keyframes[:, conditioning.keyframe_indices(num_frames, ratio)] = True
         traj = distill.trajectory_loss(seen["extrinsics"], seen["intrinsics"], real["extrinsics"],
                                        real["intrinsics"], keyframes, video.shape[-2:],
                                        distill.scene_scale(seen["depth"]), distill.scene_scale(real["depth"]))

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules, one up
 
-import camgeo  # noqa: E402
+import conditioning  # noqa: E402
 import data  # noqa: E402
 import estimator  # noqa: E402
 import geometry  # noqa: E402
@@ -25,7 +25,7 @@ from evaluation import STUDY_PRESETS, held_out_clips, ratio_label, summarise  # 
 
 def interpolated_path(c2w, ratio, mode):
     """The path linear / SLERP interpolation of the keyframes at `ratio` would request (a naive guess)."""
-    index = camgeo.keyframe_indices(c2w.shape[0], ratio)
+    index = conditioning.keyframe_indices(c2w.shape[0], ratio)
     return geometry.interpolate_trajectory(c2w[index].double(), index, c2w.shape[0], mode).float()
 
 
