@@ -105,11 +105,11 @@ def check_camera_following(ckpt, num_clips, sample_steps=SAMPLE_STEPS, cfg_scale
     """Does a checkpoint follow the cameras it is given? Returns Markdown: PSNR and SSIM against the ground truth
     (frames 1..F-1; keyframes and in-between frames apart) of its samples on held-out clips with their own cameras
     and with another clip's cameras (each clip takes the next one's: the image and prompt stay, only the camera is
-    wrong), next to repeating the reference frame and to the guess the model starts from (conditioning.reference_guess
-    with its own cameras); then the co-visible table (covisible_table). frames_png: also draw the first four clips;
-    estimate: also estimate the camera path of the samples with their own cameras (estimator.py, as the study
-    does) and of repeating the reference; against: another checkpoint's samples, paired (check_against), for the
-    groups of frames above and for each frame."""
+    wrong), next to repeating the reference frame and to the warp the model is given (conditioning.reference_guess
+    with its own cameras: interpolated between keyframes); then the co-visible table (covisible_table).
+    frames_png: also draw the first four clips; estimate: also estimate the camera path of the samples with their
+    own cameras (estimator.py, as the study does) and of repeating the reference; against: another checkpoint's
+    samples, paired (check_against), for the groups of frames above and for each frame."""
     model, info = camgeo.load_checkpoint(ckpt, weights="ema", device=device)
     config, method = info["config"], info["method"]
     clips = held_out_clips(num_clips, config.num_frames, config.image_size)
@@ -117,8 +117,8 @@ def check_camera_following(ckpt, num_clips, sample_steps=SAMPLE_STEPS, cfg_scale
     truth = torch.stack([clip.video for clip in clips])  # (C, F, 3, H, W)
     reference = truth[:, 0]
     videos = {"repeat the reference frame": reference[:, None].expand_as(truth),
-              "reference resampled along the given rays (a new model's guess)":
-                  conditioning.reference_guess(reference, cameras)[1]}
+              "reference resampled along its cameras' rays (the warp it is given)":
+                  conditioning.reference_guess(reference, cameras)}
     for name, camera in (("samples, own cameras", cameras), ("samples, another clip's cameras", cameras.roll(1, 0))):
         videos[name] = sample_clips(model, clips, camera, sample_steps, cfg_scale, device)
     if frames_png:
@@ -142,7 +142,7 @@ def check_camera_following(ckpt, num_clips, sample_steps=SAMPLE_STEPS, cfg_scale
                       torch.stack([covisibility(c.video, c.depth, c.c2w, c.K)[1] for c in clips]),
                   "reference repeated (a still camera)": videos["repeat the reference frame"],
                   "reference resampled along every pose's rays (rotation-only warp)":
-                      conditioning.reference_guess(reference, every_pose)[1],
+                      conditioning.reference_guess(reference, every_pose),
                   "samples, own cameras": videos["samples, own cameras"]}
     lines += ["", *covisible_table(clips, references, keyframes)]
     if estimate:

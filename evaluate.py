@@ -91,7 +91,7 @@ def trained_by(ckpt, command):
     """Whether the finished checkpoint `ckpt` holds what train.py `command` would train today: the same method,
     preset, step count and options with train.py's current defaults filled in (training.checkpoint_options), so a
     changed default retrains instead of reusing weights trained with the old one. Unreadable -> False."""
-    import training  # the study's own process only; the trainings run as subprocesses
+    import training  # only when a checkpoint is there to check: it imports teacher.py, which sampling never needs
     args = training.parse_args(command[2:])  # past the interpreter and "train.py"
     wanted = json.loads(json.dumps(training.checkpoint_options(args)))  # lists and floats as the metadata holds them
     try:

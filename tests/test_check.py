@@ -35,7 +35,7 @@ def test_check_reports_own_and_wrong_cameras_next_to_repeating_the_reference(ckp
     assert os.path.isfile(tmp_path / "check_frames.png") and os.path.isfile(tmp_path / "check.md")
     rows = table_rows(capsys.readouterr().out.splitlines(), "video | PSNR")
     assert list(rows) == ["repeat the reference frame",
-                          "reference resampled along the given rays (a new model's guess)",
+                          "reference resampled along its cameras' rays (the warp it is given)",
                           "samples, own cameras", "samples, another clip's cameras"]
     info = camgeo.load_checkpoint(ckpt)[1]
     truth = torch.stack([c.video for c in held_out_clips(3, info["config"].num_frames, info["config"].image_size)])
