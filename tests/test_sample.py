@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import camgeo
+import conditioning
 import data
 import re10k
 import sample
@@ -263,7 +264,7 @@ def test_interpolating_checkpoint_fills_missing_poses_with_a_note(capsys):
     with open(os.path.join(ROOT, "examples", "pan_left.json")) as f:
         poses = sample.parse_poses_json(f.read())
     camera = sample.conditioning_for(poses, "slerp", 32)
-    assert bool((camera[0, :, 8] == 1).all())
+    assert bool((camera[0, :, conditioning.MASK_CHANNELS] == 1).all())
     ray = camera[0, :, 3:6, 16, 16]  # (F, 3) one pixel's ray in frame 0's coordinates, half a pixel off-centre
     yaw = torch.atan2(ray[:, 0], ray[:, 2])
     yaw = yaw - yaw[0]  # a turn about the y axis adds its angle to every ray's azimuth
