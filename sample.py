@@ -20,8 +20,9 @@ poses.json:
      "prompt": "a room with ..."}          # optional; --prompt overrides
 Cameras are OpenCV (x right, y down, z forward). A keyframe without "intrinsics" reuses the previous
 keyframe's; with none at all, DEFAULT_FOV_DEG. Only relative motion matters: poses are taken relative to frame
-0 and translations are rescaled (conditioning.camera_conditioning). A RealEstate10K camera file (.txt) is accepted too:
-num_frames frames evenly spaced over the file become keyframes (all of them, or --keyframes RATIO of them).
+0 and translations are rescaled (conditioning.camera_conditioning). A RealEstate10K camera file (.txt) is
+accepted too: num_frames frames evenly spaced over the file become keyframes (all of them, or --keyframes RATIO
+of them).
 
 Bad input (unreadable or malformed files, bad poses, a missing checkpoint) ends with a one-line error and
 exit code 2. The files in examples/ are written by tools/examples.py.
