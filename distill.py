@@ -444,3 +444,34 @@ def distillation_losses(teacher_model, geometry_pairs, out, batch, keyframe_mask
                   (("loss_traj", traj), ("loss_geo", geo), ("loss_geo_depth", geo_depth),
                    ("loss_geo_smooth", geo_smooth))})
     return terms
+
+
+# -----------------------------------------------------------------------------
+# diagnostics: what the teacher reads in place of a real clip (train_teacher.py --eval, tools/teacher_pull.py)
+
+
+def degraded_frames(video, batch, start):
+    """Frames made to look generated (estimator.degrade: blur, colour cast, noise), one seed per clip."""
+    import estimator
+    return torch.stack([estimator.degrade(v, torch.Generator().manual_seed(start + i)) for i, v in enumerate(video)])
+
+
+def student_predictions(student_path, t):
+    """-> frames function: a CamGeo student's one-step clean-video prediction x0_hat from x_t at flow time t,
+    conditioned as it was trained (its method and keyframe ratio), for the teacher to read as in training."""
+    import camgeo  # the student: loaded here only, by the diagnostics
+    import conditioning
+    student, info = camgeo.load_checkpoint(student_path)
+    method, ratio = info["method"], info["options"].get("sparse", 0.5)
+
+    @torch.no_grad()
+    def frames(video, batch, start):
+        size = video.shape[-1]
+        camera, _, _ = conditioning.camera_inputs(batch["w2c"], batch["K"], method, ratio, height=size, width=size)
+        noise = torch.randn(video.shape, generator=torch.Generator().manual_seed(start))
+        x0 = video * 2 - 1
+        x_t = (1 - t) * x0 + t * noise
+        x0_hat = student(x_t, torch.full((video.shape[0],), t), x0[:, 0], batch["prompt"], camera)
+        return ((x0_hat + 1) / 2).clamp(0, 1)
+
+    return frames

@@ -16,10 +16,9 @@ import time
 
 import torch
 
-import conditioning
 import data
 import geometry
-from distill import teacher_geometry
+from distill import degraded_frames, student_predictions, teacher_geometry
 from teacher import SMALL_TEACHER, VGGT, freeze, load_vggt, save_teacher
 
 CAMERA_LOSS_GAMMA = 0.6   # iteration i of n weighs gamma^(n-1-i): the last refinement counts most (VGGT)
@@ -127,32 +126,6 @@ def rotation_angle_deg(R):
     """Rotation angle of (..., 3, 3) in degrees, from its unit quaternion (w >= 0)."""
     q = geometry.mat_to_quat(R)
     return torch.rad2deg(2 * torch.atan2(q[..., :3].norm(dim=-1), q[..., 3]))
-
-
-def degraded_frames(video, batch, start):
-    """Frames made to look generated (estimator.degrade: blur, colour cast, noise), one seed per clip."""
-    import estimator
-    return torch.stack([estimator.degrade(v, torch.Generator().manual_seed(start + i)) for i, v in enumerate(video)])
-
-
-def student_predictions(student_path, t):
-    """-> frames function: a CamGeo student's one-step clean-video prediction x0_hat from x_t at flow time t,
-    conditioned as it was trained (its method and keyframe ratio), for the teacher to read as in training."""
-    import camgeo
-    student, info = camgeo.load_checkpoint(student_path)
-    method, ratio = info["method"], info["options"].get("sparse", 0.5)
-
-    @torch.no_grad()
-    def frames(video, batch, start):
-        size = video.shape[-1]
-        camera, _, _ = conditioning.camera_inputs(batch["w2c"], batch["K"], method, ratio, height=size, width=size)
-        noise = torch.randn(video.shape, generator=torch.Generator().manual_seed(start))
-        x0 = video * 2 - 1
-        x_t = (1 - t) * x0 + t * noise
-        x0_hat = student(x_t, torch.full((video.shape[0],), t), x0[:, 0], batch["prompt"], camera)
-        return ((x0_hat + 1) / 2).clamp(0, 1)
-
-    return frames
 
 
 def evaluate_teacher(model, clips, cameras, frames=None, batch_size=16):

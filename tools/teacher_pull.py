@@ -14,37 +14,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules, one up
 
-import camgeo  # noqa: E402
 import conditioning  # noqa: E402
 import data  # noqa: E402
 import distill  # noqa: E402
-import estimator  # noqa: E402
 import teacher  # noqa: E402
 
 STUDENT_TIMES = (0.2, 0.4)  # flow times below the teacher gate's t_max, where the teacher reads x0_hat in training
-
-
-def degraded(video, start):
-    """Frames made to look generated (estimator.degrade: blur, colour cast, noise), one seed per clip."""
-    return torch.stack([estimator.degrade(v, torch.Generator().manual_seed(start + i)) for i, v in enumerate(video)])
-
-
-def student_prediction(student_path, t):
-    """-> frames(video, batch, start): the student's one-step clean-video prediction x0_hat from x_t at flow time
-    t, conditioned as it was trained (its method and keyframe ratio)."""
-    student, info = camgeo.load_checkpoint(student_path)
-    method, ratio = info["method"], info["options"].get("sparse", 0.5)
-
-    @torch.no_grad()
-    def frames(video, batch, start):
-        size = video.shape[-1]
-        camera, _, _ = conditioning.camera_inputs(batch["w2c"], batch["K"], method, ratio, height=size, width=size)
-        x0 = video * 2 - 1
-        x_t = (1 - t) * x0 + t * torch.randn(video.shape, generator=torch.Generator().manual_seed(start))
-        x0_hat = student(x_t, torch.full((video.shape[0],), t), x0[:, 0], batch["prompt"], camera)
-        return ((x0_hat + 1) / 2).clamp(0, 1)
-
-    return frames
 
 
 def frame_pulls(model, clips, frames, reference_frame0, gradient_sigma, ratio=0.5, batch_size=16):
@@ -81,9 +56,9 @@ def pull_table(model, clips, student=None, gradient_sigma=distill.DEFAULTS.teach
     num_frames = clips["video"].shape[1]
     lines = [f"| frames read ({clips['video'].shape[0]} test clips) | teacher's frame 0 | term | "
              + " | ".join(f"frame {f}" for f in range(num_frames)) + " |", "|---" * (num_frames + 3) + "|"]
-    conditions = {"degraded": lambda video, batch, start: degraded(video, start)}
+    conditions = {"degraded": distill.degraded_frames}
     if student:
-        conditions.update({f"student x0_hat, t = {t}": student_prediction(student, t) for t in STUDENT_TIMES})
+        conditions.update({f"student x0_hat, t = {t}": distill.student_predictions(student, t) for t in STUDENT_TIMES})
     for condition, frames in conditions.items():
         for reference_frame0 in (False, True):
             for term, per_frame in frame_pulls(model, clips, frames, reference_frame0, gradient_sigma).items():
