@@ -1,10 +1,11 @@
 """The CamGeo student: a small video diffusion transformer conditioned on an image, a prompt and sparse cameras.
 
-Read top to bottom: config and presets, the conditioning (keyframes, camera -> Plücker maps and where each ray
-meets the reference image, prompt -> tokens), the embedders, the DiT-style blocks, the full-resolution output
-head, the model, then the diffusion (rectified flow) training loss and the Euler sampler with classifier-free
-guidance, and finally the checkpoint loader used by sample.py. The CamGeo distillation, which trains this model
-with a teacher's reading of its predictions, is distill.py.
+Read top to bottom: config and presets, prompt -> tokens, the embedders, the DiT-style blocks, the
+full-resolution heads (the reference's depth, the per-pixel copy), the model, then the diffusion (rectified flow)
+training loss and the Euler sampler with classifier-free guidance, and finally the checkpoint loader used by
+sample.py. What the model is told about the cameras (keyframes, Plücker maps, the plane sweep) is
+conditioning.py; the CamGeo distillation, which trains this model with a teacher's reading of its predictions,
+is distill.py.
 
 Pixel space, no latent autoencoder: frames are tiny (32x32 by default), a 4x4 patch is only 48 numbers, and no
 pretrained VAE exists on these machines; training one would double the code for no gain at this size.

@@ -400,8 +400,8 @@ def test_geometry_pairs_sum_to_the_two_terms_of_geometry_loss():
     depth, w2c, K, frames = clip_batch()
     depth_pairs, smooth_pairs = distill.geometry_pairs(depth, w2c, K, frames)
     loss, depth_term, smooth = distill.geometry_loss(depth, w2c, K, frames, smoothness_weight=0.5)
-    assert depth_pairs.shape == smooth_pairs.shape == (depth.shape[0], len(distill.span_pairs(depth.shape[1],
-                                                                                              distill.DEFAULTS.spans)[0]))
+    num_pairs = len(distill.span_pairs(depth.shape[1], distill.DEFAULTS.spans)[0])
+    assert depth_pairs.shape == smooth_pairs.shape == (depth.shape[0], num_pairs)
     assert torch.allclose(depth_pairs.sum(-1), depth_term) and torch.allclose(smooth_pairs.sum(-1), smooth)
     assert torch.allclose(loss, depth_term + 0.5 * smooth)
 
