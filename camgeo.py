@@ -39,9 +39,10 @@ class CamGeoConfig:
     depth: int = 4  # number of blocks
     num_heads: int = 4
     mlp_ratio: float = 4.0
-    # the full-resolution heads (DepthHead, CopyHead): channels per pixel the transformer hands them, and their width
+    # the full-resolution heads: channels per pixel the transformer hands them, the widths of CopyHead and DepthHead
     pixel_features: int = 16
     pixel_head_width: int = 32
+    depth_head_width: int = 64
     text_vocab_size: int = 1024  # words are hashed into this many buckets (no pretrained text model here)
     # classifier-free guidance dropout during training. The joint drop (text and camera together) is what the
     # sampler's unconditional branch uses, so it gets its own probability instead of relying on the rare
@@ -78,8 +79,8 @@ DEPTH_LOSS_WEIGHT = 0.1
 # loss |v_hat - v|^2 weighted by t^2: the plain velocity loss weighs a sample by 1/t^2, so near-clean samples,
 # where the camera hardly matters, would outweigh the noisy ones, where it decides the layout, by 100 to 1.
 TIMESTEP_FREQUENCY_SCALE = 1000.0  # t in [0, 1] is scaled like DiT's integer steps before the sinusoid
-# CopyHead's starting logit for the rotation-only warp (every other choice starts at 0): softmax weight 0.72
-# among the NUM_PLANES + 1 choices, so a new model starts near that warp yet every choice gets gradient.
+# CopyHead's starting logit for the rotation-only warp (every other choice starts at 0): softmax weight 0.69
+# among the NUM_PLANES + 2 choices, so a new model starts near that warp yet every choice gets gradient.
 COPY_START_LOGIT = 3.0
 
 # -----------------------------------------------------------------------------
@@ -249,76 +250,124 @@ class FinalLayer(nn.Module):
 
 class DepthHead(nn.Module):
     """The reference's inverse depth, in the unit of the poses (translation_scale), from the transformer's
-    per-pixel features of frame 0 and the reference image: two 3x3 convolutions and a softplus (inverse depth is
-    never negative). Trained against the true depth where the data has it (training_losses); at sampling it is the
-    student's own reading of the image and poses, never the teacher's or a true depth."""
+    per-pixel features of frame 0 and the reference image: four 3x3 convolutions, the middle two dilated (2, 4) so
+    that each pixel sees 15 pixels around it, and a softplus (inverse depth is never negative). Trained against the
+    true depth where the data has it (training_losses); at sampling it is the student's own reading of the image
+    and poses, never the teacher's or a true depth."""
 
     def __init__(self, feature_channels, width):
         super().__init__()
         self.net = nn.Sequential(nn.Conv2d(feature_channels + 3, width, 3, padding=1), nn.SiLU(),
+                                 nn.Conv2d(width, width, 3, padding=2, dilation=2), nn.SiLU(),
+                                 nn.Conv2d(width, width, 3, padding=4, dilation=4), nn.SiLU(),
                                  nn.Conv2d(width, 1, 3, padding=1))
 
     def forward(self, features, reference):  # (B, C, H, W), (B, 3, H, W) -> (B, H, W)
         return F.softplus(self.net(torch.cat([features, reference], dim=1)))[:, 0]
 
 
-def depth_agreement(inverse_depth, camera, camera_drop=None):
-    """How far each plane of the sweep is from the depth the student reads in the reference: for each pixel of
-    each frame and each plane, |inverse depth read at the point where the plane meets the reference image - the
-    plane's own inverse depth seen from the reference|. The plane holding the surface the reference sees there
-    scores 0 (the backward-warping depth test); an occluded surface does not.
-    inverse_depth (B, H, W); camera from camera_ -> (B, F, NUM_PLANES, H, W), 0 where the camera is
-    dropped."""
+def depth_test(inverse_depth, camera, camera_drop=None):
+    """Where each plane of the sweep lies against the depth the student reads in the reference: for each pixel of
+    each frame and each plane, the inverse depth read at the point where the plane meets the reference image minus
+    the plane's own inverse depth seen from the reference. Negative: the plane's point is in front of the surface
+    the reference sees there; positive: behind it; 0 on the plane holding that surface (the backward-warping
+    depth test). inverse_depth (B, H, W); camera from camera_conditioning -> (B, F, NUM_PLANES, H, W), 0 where
+    the camera is dropped."""
     B, num_frames, _, H, W = camera.shape
     grids = camera[:, :, GRID_CHANNELS].reshape(B * num_frames * NUM_PLANES, 2, H, W).permute(0, 2, 3, 1)
     depths = inverse_depth[:, None, None, None].expand(-1, num_frames, NUM_PLANES, 1, H, W).reshape(-1, 1, H, W)
     read = F.grid_sample(depths, grids, mode="bilinear", padding_mode="border", align_corners=False)
-    costs = (read.view(B, num_frames, NUM_PLANES, H, W) - camera[:, :, PLANE_DEPTH_CHANNELS]).abs()
+    signed = read.view(B, num_frames, NUM_PLANES, H, W) - camera[:, :, PLANE_DEPTH_CHANNELS]
     if camera_drop is None:
-        return costs
-    return costs * ~camera_drop[:, None, None, None, None]
+        return signed
+    return signed * ~camera_drop[:, None, None, None, None]
+
+
+def depth_agreement(inverse_depth, camera, camera_drop=None):
+    """|depth_test|: how far each plane of the sweep is from the depth the student reads in the reference; the plane
+    holding the surface the reference sees there scores 0, an occluded surface does not. -> (B, F, NUM_PLANES, H,
+    W)."""
+    return depth_test(inverse_depth, camera, camera_drop).abs()
+
+
+def reference_on_surface(reference, camera, inverse_depth, camera_drop=None):
+    """The reference seen from each frame through the depth the student reads in it: a backward warp by ray
+    marching over the sweep. Along each pixel's ray, from the nearest plane towards infinity, the first pair of
+    planes where depth_test turns from in front (<= 0) to behind (> 0) brackets the surface the ray meets first;
+    the point where depth_test is 0, interpolated linearly between the two planes' grids, is where that surface
+    lies in the reference. A ray with no such pair takes the plane that agrees best.
+
+    Why: the planes alone quantise depth to NUM_PLANES steps, which costs 2 dB on co-visible pixels even when the
+    true depth chooses among them; marching through the true depth comes within 1.5 dB of the reprojection through
+    it (RESULTS.md). The marched point moves with inverse_depth, so the depth head also learns from the video loss.
+    reference (B, 3, H, W); camera from camera_conditioning; inverse_depth (B, H, W) -> (B, F, 3, H, W), the
+    reference itself where the camera is dropped."""
+    B, num_frames, _, H, W = camera.shape
+    grids = camera[:, :, GRID_CHANNELS].unflatten(2, (NUM_PLANES, 2))  # (B, F, NUM_PLANES, 2, H, W)
+    signed = depth_test(inverse_depth, camera)  # (B, F, NUM_PLANES, H, W); planes ordered from infinity inwards
+    best = signed.abs().argmin(dim=2)  # (B, F, H, W)
+    grid = grids.gather(2, best[:, :, None, None].expand(-1, -1, 1, 2, -1, -1))[:, :, 0]  # (B, F, 2, H, W)
+    found = torch.zeros_like(best, dtype=torch.bool)
+    for near in range(NUM_PLANES - 1, 0, -1):  # the nearer plane of each pair, nearest pair first
+        in_front, behind = signed[:, :, near], signed[:, :, near - 1]
+        crossing = (in_front <= 0) & (behind > 0) & ~found
+        # the gap is < 0 at a crossing; clamped elsewhere so the unused branch has a finite gradient
+        fraction = (in_front / (in_front - behind).clamp(max=-1e-6)).clamp(0, 1)[:, :, None]
+        between = grids[:, :, near] + fraction * (grids[:, :, near - 1] - grids[:, :, near])
+        grid = torch.where(crossing[:, :, None], between, grid)
+        found = found | crossing
+    references = reference[:, None].expand(-1, num_frames, -1, -1, -1).reshape(-1, 3, H, W)
+    moved = F.grid_sample(references, grid.flatten(0, 1).permute(0, 2, 3, 1), mode="bilinear",
+                          padding_mode="border", align_corners=False).view(B, num_frames, 3, H, W)
+    if camera_drop is None:
+        return moved
+    return torch.where(camera_drop[:, None, None, None, None], reference[:, None], moved)
 
 
 class CopyHead(nn.Module):
     """The denoiser's output at full resolution: per pixel, a choice among what can be copied, and a colour of its
     own for what cannot.
 
-    Candidates (all (N, 3, H, W)): the reference on each plane of the sweep (reference_candidates) and a generated
-    colour (the rotation-only warp plus a change). Three 3x3 convolutions over the transformer's per-pixel
-    features, x_t, the planes, how well each plane matches x_t, how well each agrees with the depth the model reads
-    in the reference (depth_agreement), and t give one logit per candidate and the change; x0_hat is the
-    softmax-weighted sum of the candidates.
+    Candidates (all (N, 3, H, W)): the reference on each plane of the sweep (reference_candidates), the reference
+    through the depth the model reads in it (reference_on_surface) and a generated colour (the rotation-only warp
+    plus a change). Three 3x3 convolutions over the transformer's per-pixel features, x_t, the copies, how well
+    each copy matches x_t, how well each plane agrees with the depth the model reads in the reference
+    (depth_agreement), and t give one logit per candidate and the change; x0_hat is the softmax-weighted sum of the
+    candidates.
 
-    Why a choice and not a colour: a plane that holds the right depth copies the reference's texture exactly,
-    which a network of this size trained for minutes cannot paint; choosing is a per-pixel decision it can learn.
-    How well each plane matches x_t (the mean of |x_t - (1 - t) plane| over a 3x3 window) is the plane-sweep
-    stereo cost: once x_t holds the layout, the right plane is the one it agrees with. x_t itself is not a
-    candidate: copying it carries its noise into every later step of the sampler (RESULTS.md: noisy samples).
-    The last convolution starts at zero with the warp's logit at COPY_START_LOGIT: a new model copies the
-    rotation-only warp, and learns where another plane or its own colour does better.
+    Why a choice and not a colour: a copy from the right depth shows the reference's texture exactly, which a
+    network of this size trained for minutes cannot paint; choosing is a per-pixel decision it can learn. How well
+    each copy matches x_t (the mean of |x_t - (1 - t) copy| over a 3x3 window) is the plane-sweep stereo cost: once
+    x_t holds the layout, the right copy is the one it agrees with. x_t itself is not a candidate: copying it
+    carries its noise into every later step of the sampler (RESULTS.md: noisy samples).
+    The last convolution starts at zero with the warp's logit ahead (COPY_START_LOGIT): a new model, whose depth
+    head has learnt nothing yet, copies the rotation-only warp, and learns where another copy or its own colour
+    does better.
     """
 
     def __init__(self, feature_channels, width):
         super().__init__()
-        self.num_choices = NUM_PLANES + 1  # the planes and the generated colour
-        # features, x_t, planes, how well each matches x_t and the depth read in the reference, t
-        in_channels = feature_channels + 3 + 3 * NUM_PLANES + 2 * NUM_PLANES + 1
+        self.num_copies = NUM_PLANES + 1  # the planes and the reference through the depth read in it
+        self.num_choices = self.num_copies + 1  # and the generated colour
+        # features, x_t, copies, how well each copy matches x_t, how well each plane agrees with the depth, t
+        in_channels = feature_channels + 3 + 4 * self.num_copies + NUM_PLANES + 1
         self.net = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.SiLU(),
                                  nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
                                  nn.Conv2d(width, self.num_choices + 3, 3, padding=1))
 
-    def forward(self, features, x_t, planes, depth_costs, t):
-        """features (N, C, H, W), x_t (N, 3, H, W), planes (N, NUM_PLANES, 3, H, W), depth_costs (N, NUM_PLANES, H, W)
-        from depth_agreement, t (N,) -> x0_hat (N, 3, H, W)."""
+    def forward(self, features, x_t, copies, depth_costs, t):
+        """features (N, C, H, W), x_t (N, 3, H, W), copies (N, NUM_PLANES + 1, 3, H, W): the planes, then the
+        reference through the depth read in it; depth_costs (N, NUM_PLANES, H, W) from depth_agreement, t (N,) ->
+        x0_hat (N, 3, H, W)."""
         N, _, H, W = x_t.shape
         t_map = t[:, None, None, None].to(x_t.dtype)  # (N, 1, 1, 1)
-        costs = F.avg_pool2d((x_t[:, None] - (1 - t_map[:, None]) * planes).abs().mean(2), 3, stride=1, padding=1,
-                             count_include_pad=False)  # (N, NUM_PLANES, H, W)
-        out = self.net(torch.cat([features, x_t, planes.flatten(1, 2), costs, depth_costs, t_map.expand(-1, 1, H, W)],
+        costs = F.avg_pool2d((x_t[:, None] - (1 - t_map[:, None]) * copies).abs().mean(2), 3, stride=1, padding=1,
+                             count_include_pad=False)  # (N, NUM_PLANES + 1, H, W)
+        out = self.net(torch.cat([features, x_t, copies.flatten(1, 2), costs, depth_costs, t_map.expand(-1, 1, H, W)],
                                  dim=1))
-        weights = out[:, :self.num_choices].softmax(dim=1)  # (N, NUM_PLANES + 1, H, W)
-        generated = planes[:, 0] + out[:, self.num_choices:]
-        candidates = torch.cat([planes, generated[:, None]], dim=1)  # (N, NUM_PLANES + 1, 3, H, W)
+        weights = out[:, :self.num_choices].softmax(dim=1)  # (N, NUM_PLANES + 2, H, W)
+        generated = copies[:, 0] + out[:, self.num_choices:]
+        candidates = torch.cat([copies, generated[:, None]], dim=1)  # (N, NUM_PLANES + 2, 3, H, W)
         return (weights[:, :, None] * candidates).sum(dim=1)
 
 
@@ -332,7 +381,8 @@ class CamGeo(nn.Module):
     maps and the sweep's grids are added on top; fixed sin-cos position embeddings for the patch (2D) and the frame
     (1D). Diffusion time + prompt form the adaLN condition c. The tokens are unpatchified to per-pixel features;
     DepthHead reads the reference's inverse depth from frame 0's, and CopyHead chooses per pixel among the planes
-    (helped by how well each matches x_t and agrees with that depth) or paints a colour of its own.
+    and the reference marched through that depth (helped by how well each matches x_t and agrees with that depth)
+    or paints a colour of its own.
 
     Why copy: most of each frame of a static scene under a moving camera is the reference seen from elsewhere,
     and turning a ray map into "move this content by so many pixels" is a warp a 2 M-parameter network trained
@@ -358,7 +408,7 @@ class CamGeo(nn.Module):
         self.register_buffer("spatial_pos", sincos_2d(self.grid_size, D), persistent=False)  # (h*w, D)
         self.blocks = nn.ModuleList([Block(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth)])
         self.final_layer = FinalLayer(D, p, config.pixel_features)
-        self.depth_head = DepthHead(config.pixel_features, config.pixel_head_width)
+        self.depth_head = DepthHead(config.pixel_features, config.depth_head_width)
         self.copy_head = CopyHead(config.pixel_features, config.pixel_head_width)
         self.initialize_weights()
 
@@ -417,7 +467,9 @@ class CamGeo(nn.Module):
         features = patches.view(B * num_frames, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(-1, C, H, W)
         inverse_depth = self.depth_head(features.view(B, num_frames, C, H, W)[:, 0], reference)  # (B, H, W)
         depth_costs = depth_agreement(inverse_depth, camera, camera_drop)  # (B, F, NUM_PLANES, H, W)
-        x0_hat = self.copy_head(features, x_t.flatten(0, 1), planes.flatten(0, 1), depth_costs.flatten(0, 1),
+        surface = reference_on_surface(reference, camera, inverse_depth, camera_drop)  # (B, F, 3, H, W)
+        copies = torch.cat([planes, surface[:, :, None]], dim=2)  # (B, F, NUM_PLANES + 1, 3, H, W)
+        x0_hat = self.copy_head(features, x_t.flatten(0, 1), copies.flatten(0, 1), depth_costs.flatten(0, 1),
                                 t.repeat_interleave(num_frames)).view(B, num_frames, 3, H, W)
         return (x0_hat, inverse_depth) if with_depth else x0_hat
 

@@ -68,23 +68,26 @@ def test_block_is_not_identity_once_modulation_is_nonzero():
 
 
 def start_weights():
-    """A new CopyHead's softmax weights: COPY_START_LOGIT for the rotation-only warp, 0 for every other choice."""
-    logits = torch.zeros(conditioning.NUM_PLANES + 1)
+    """A new CopyHead's softmax weights: COPY_START_LOGIT for the rotation-only warp, 0 for every other choice (the
+    other planes, the reference through the depth the model reads, the generated colour)."""
+    logits = torch.zeros(conditioning.NUM_PLANES + 2)
     logits[0] = camgeo.COPY_START_LOGIT
     return logits.softmax(0)
 
 
-def test_new_model_predicts_its_starting_mixture_of_the_planes():
+def test_new_model_predicts_its_starting_mixture_of_the_copies():
     """The copy head's last convolution starts at zero, so a new model returns the same mixture at every pixel:
-    mostly the reference on the plane at infinity (the rotation-only warp), a little of every other plane. Planes
-    are the reference moved along each frame's rays (the interpolated pose's where none is given), and the
-    reference itself when the camera is dropped (guidance's unconditional branch)."""
+    mostly the reference on the plane at infinity (the rotation-only warp), a little of every other plane and of
+    the reference marched through the depth the model reads. Planes are the reference moved along each frame's
+    rays (the interpolated pose's where none is given), and the reference itself when the camera is dropped
+    (guidance's unconditional branch)."""
     model = camgeo.CamGeo(CONFIG).eval()
     mask = torch.ones(2, F)
     mask[:, 1] = 0
     video, prompts, camera = inputs(mask=mask)
     x_t = torch.randn_like(video)
-    x0_hat = model(x_t, torch.rand(2), video[:, 0], prompts, camera)
+    x0_hat, inverse_depth = model(x_t, torch.rand(2), video[:, 0], prompts, camera, with_depth=True)
+    surface = camgeo.reference_on_surface(video[:, 0], camera, inverse_depth)
     weights = start_weights()
     for frame in range(F):
         grids = camera[:, frame, conditioning.GRID_CHANNELS].unflatten(1, (conditioning.NUM_PLANES, 2))
@@ -92,7 +95,7 @@ def test_new_model_predicts_its_starting_mixture_of_the_planes():
                                                   padding_mode="border", align_corners=False)
                   for k in range(conditioning.NUM_PLANES)]
         generated = planes[0]  # the warp plus a change that starts at zero
-        expected = sum(w * c for w, c in zip(weights, [*planes, generated]))
+        expected = sum(w * c for w, c in zip(weights, [*planes, surface[:, frame], generated]))
         torch.testing.assert_close(x0_hat[:, frame], expected)
     warp = conditioning.reference_guess(video[:, 0], camera)
     assert not torch.allclose(warp[:, 2], video[:, 0], atol=1e-3)  # not vacuous: the random pose moves it
@@ -303,3 +306,41 @@ def test_depth_agreement_is_zero_on_the_plane_holding_the_surface_the_reference_
     costs = camgeo.depth_agreement(torch.full((1, size, size), rho), camera)  # (1, 2, D, H, W)
     centre = costs[0, 1, :, size // 2, size // 2]
     assert centre[3] < 1e-5 and (centre[torch.arange(conditioning.NUM_PLANES) != 3] > 0.05).all()
+
+
+def test_reference_on_surface_marches_to_the_depth_between_two_planes():
+    """A wall facing frame 0 at an inverse depth between two planes of the sweep, a camera slid sideways by one unit:
+    marching through the wall's depth finds the wall between the planes, and moves the reference exactly as the
+    reprojection through the true depth does (geometry.reproject_reference, an independent projection), where
+    the nearest plane does not."""
+    size, rho = 24, 0.3  # between the planes at 0.25 and 0.35
+    c2w = torch.eye(4).repeat(1, 2, 1, 1)
+    c2w[0, 1, 0, 3] = 1.0
+    K = torch.tensor([size / 2, size / 2, size / 2, size / 2]).expand(1, 2, 4)
+    camera = conditioning.camera_conditioning(geometry.invert_pose(c2w), K, torch.ones(1, 2), size, size)
+    reference = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    reference = torch.nn.functional.avg_pool2d(reference, 3, stride=1, padding=1, count_include_pad=False)
+    moved = camgeo.reference_on_surface(reference, camera, torch.full((1, size, size), rho))[0, 1]
+    K_matrix = torch.tensor([[size / 2, 0, size / 2], [0, size / 2, size / 2], [0, 0, 1]])[None]
+    truth = geometry.reproject_reference(reference, torch.full((1, size, size), 1 / rho), K_matrix, c2w[:, 1])[0]
+    inside = slice(2, size - 2), slice(2, size - 2 - round(size / 2 * rho) - 1)  # rows, columns seen by frame 0
+    torch.testing.assert_close(moved[:, inside[0], inside[1]], truth[:, inside[0], inside[1]], atol=1e-4, rtol=0)
+    nearest = conditioning.reference_candidates(reference, camera)[0, 1, 3]  # the plane at 0.25
+    assert (nearest[:, inside[0], inside[1]] - truth[:, inside[0], inside[1]]).abs().max() > 0.02
+
+
+def test_reference_on_surface_passes_the_gradient_to_the_depth():
+    """The marched point moves with the depth the model reads, so the video loss teaches the depth head too:
+    the gradient with respect to that depth equals finite differences (gradcheck, double precision)."""
+    size = 8
+    c2w = torch.eye(4, dtype=torch.float64).repeat(1, 2, 1, 1)
+    c2w[0, 1, :3, 3] = torch.tensor([0.8, 0.1, 0.3], dtype=torch.float64)
+    K = torch.tensor([size / 2, size / 2, size / 2, size / 2], dtype=torch.float64).expand(1, 2, 4)
+    camera = conditioning.camera_conditioning(geometry.invert_pose(c2w), K, torch.ones(1, 2, dtype=torch.float64),
+                                              size, size)
+    g = torch.Generator().manual_seed(0)
+    reference = torch.rand(1, 3, size, size, generator=g, dtype=torch.float64)
+    inverse_depth = (0.2 + 0.3 * torch.rand(1, size, size, generator=g, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda d: camgeo.reference_on_surface(reference, camera, d), (inverse_depth,))
+    camgeo.reference_on_surface(reference, camera, inverse_depth).sum().backward()
+    assert inverse_depth.grad.abs().sum() > 0
