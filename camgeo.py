@@ -283,14 +283,7 @@ def depth_test(inverse_depth, camera, camera_drop=None):
     return signed * ~camera_drop[:, None, None, None, None]
 
 
-def depth_agreement(inverse_depth, camera, camera_drop=None):
-    """|depth_test|: how far each plane of the sweep is from the depth the student reads in the reference; the plane
-    holding the surface the reference sees there scores 0, an occluded surface does not. -> (B, F, NUM_PLANES, H,
-    W)."""
-    return depth_test(inverse_depth, camera, camera_drop).abs()
-
-
-def reference_on_surface(reference, camera, inverse_depth, camera_drop=None):
+def reference_on_surface(reference, camera, depth_tests, camera_drop=None):
     """The reference seen from each frame through the depth the student reads in it: a backward warp by ray
     marching over the sweep. Along each pixel's ray, from the nearest plane towards infinity, the first pair of
     planes where depth_test turns from in front (<= 0) to behind (> 0) brackets the surface the ray meets first;
@@ -299,17 +292,18 @@ def reference_on_surface(reference, camera, inverse_depth, camera_drop=None):
 
     Why: the planes alone quantise depth to NUM_PLANES steps, which costs 2 dB on co-visible pixels even when the
     true depth chooses among them; marching through the true depth comes within 1.5 dB of the reprojection through
-    it (RESULTS.md). The marched point moves with inverse_depth, so the depth head also learns from the video loss.
-    reference (B, 3, H, W); camera from camera_conditioning; inverse_depth (B, H, W) -> (B, F, 3, H, W), the
-    reference itself where the camera is dropped."""
+    it (RESULTS.md). The marched point moves with the depth read, so the depth head also learns from the video loss.
+    reference (B, 3, H, W); camera from camera_conditioning; depth_tests (B, F, NUM_PLANES, H, W) from depth_test
+    (the model computes it once for this and for CopyHead) -> (B, F, 3, H, W), the reference itself where the
+    camera is dropped."""
     B, num_frames, _, H, W = camera.shape
     grids = camera[:, :, GRID_CHANNELS].unflatten(2, (NUM_PLANES, 2))  # (B, F, NUM_PLANES, 2, H, W)
-    signed = depth_test(inverse_depth, camera)  # (B, F, NUM_PLANES, H, W); planes ordered from infinity inwards
-    best = signed.abs().argmin(dim=2)  # (B, F, H, W)
+    # planes are ordered from infinity (0) inwards
+    best = depth_tests.abs().argmin(dim=2)  # (B, F, H, W)
     grid = grids.gather(2, best[:, :, None, None].expand(-1, -1, 1, 2, -1, -1))[:, :, 0]  # (B, F, 2, H, W)
     found = torch.zeros_like(best, dtype=torch.bool)
     for near in range(NUM_PLANES - 1, 0, -1):  # the nearer plane of each pair, nearest pair first
-        in_front, behind = signed[:, :, near], signed[:, :, near - 1]
+        in_front, behind = depth_tests[:, :, near], depth_tests[:, :, near - 1]
         crossing = (in_front <= 0) & (behind > 0) & ~found
         # the gap is < 0 at a crossing; clamped elsewhere so the unused branch has a finite gradient
         fraction = (in_front / (in_front - behind).clamp(max=-1e-6)).clamp(0, 1)[:, :, None]
@@ -332,7 +326,7 @@ class CopyHead(nn.Module):
     through the depth the model reads in it (reference_on_surface) and a generated colour (the rotation-only warp
     plus a change). Three 3x3 convolutions over the transformer's per-pixel features, x_t, the copies, how well
     each copy matches x_t, how well each plane agrees with the depth the model reads in the reference
-    (depth_agreement), and t give one logit per candidate and the change; x0_hat is the softmax-weighted sum of the
+    (|depth_test|), and t give one logit per candidate and the change; x0_hat is the softmax-weighted sum of the
     candidates.
 
     Why a choice and not a colour: a copy from the right depth shows the reference's texture exactly, which a
@@ -357,7 +351,7 @@ class CopyHead(nn.Module):
 
     def forward(self, features, x_t, copies, depth_costs, t):
         """features (N, C, H, W), x_t (N, 3, H, W), copies (N, NUM_PLANES + 1, 3, H, W): the planes, then the
-        reference through the depth read in it; depth_costs (N, NUM_PLANES, H, W) from depth_agreement, t (N,) ->
+        reference through the depth read in it; depth_costs (N, NUM_PLANES, H, W) = |depth_test|, t (N,) ->
         x0_hat (N, 3, H, W)."""
         N, _, H, W = x_t.shape
         t_map = t[:, None, None, None].to(x_t.dtype)  # (N, 1, 1, 1)
@@ -466,10 +460,10 @@ class CamGeo(nn.Module):
         h, w = H // p, W // p
         features = patches.view(B * num_frames, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(-1, C, H, W)
         inverse_depth = self.depth_head(features.view(B, num_frames, C, H, W)[:, 0], reference)  # (B, H, W)
-        depth_costs = depth_agreement(inverse_depth, camera, camera_drop)  # (B, F, NUM_PLANES, H, W)
-        surface = reference_on_surface(reference, camera, inverse_depth, camera_drop)  # (B, F, 3, H, W)
+        depth_tests = depth_test(inverse_depth, camera, camera_drop)  # (B, F, NUM_PLANES, H, W)
+        surface = reference_on_surface(reference, camera, depth_tests, camera_drop)  # (B, F, 3, H, W)
         copies = torch.cat([planes, surface[:, :, None]], dim=2)  # (B, F, NUM_PLANES + 1, 3, H, W)
-        x0_hat = self.copy_head(features, x_t.flatten(0, 1), copies.flatten(0, 1), depth_costs.flatten(0, 1),
+        x0_hat = self.copy_head(features, x_t.flatten(0, 1), copies.flatten(0, 1), depth_tests.abs().flatten(0, 1),
                                 t.repeat_interleave(num_frames)).view(B, num_frames, 3, H, W)
         return (x0_hat, inverse_depth) if with_depth else x0_hat
 
@@ -524,7 +518,7 @@ def training_losses(model, video, prompts, camera, generator=None, reference_dep
 @torch.no_grad()
 def sample(model, reference, prompts, camera, num_steps=25, cfg_scale=2.0, seed=0):
     """Euler ODE from noise (t = 1) to data (t = 0). reference (B, 3, H, W) in [0, 1]; camera from
-    camera_ Classifier-free guidance on text and camera jointly, the reference image always kept:
+    camera_conditioning. Classifier-free guidance on text and camera jointly, the reference image always kept:
     v = v_uncond + cfg_scale * (v_cond - v_uncond). Deterministic in seed. Returns (B, F, 3, H, W) in [0, 1]."""
     model.eval()
     device = reference.device

@@ -140,7 +140,7 @@ def camera_conditioning(w2c, K, keyframe_mask, height, width):
     geometry.normalize_translation). The mask channel makes "no pose given" differ from "identity pose".
     Between them, 3 * NUM_PLANES channels say where each ray meets the reference image on each plane of the sweep
     and at which inverse depth the reference sees that point (reference_grids); the model resamples the reference
-    there (reference_candidates) and compares with its own reading of the reference's depth (depth_agreement).
+    there (reference_candidates) and compares with its own reading of the reference's depth (camgeo.depth_test).
     At a frame without a pose the sweep follows the pose SLERP-interpolated between the given ones, while its
     Plücker channels stay zero and the mask says the pose is not given: a guess to copy from, the smooth-motion
     prior a pretrained video model would bring, never a pose the model is told (RESULTS.md measures that guess).

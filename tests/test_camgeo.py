@@ -87,7 +87,7 @@ def test_new_model_predicts_its_starting_mixture_of_the_copies():
     video, prompts, camera = inputs(mask=mask)
     x_t = torch.randn_like(video)
     x0_hat, inverse_depth = model(x_t, torch.rand(2), video[:, 0], prompts, camera, with_depth=True)
-    surface = camgeo.reference_on_surface(video[:, 0], camera, inverse_depth)
+    surface = camgeo.reference_on_surface(video[:, 0], camera, camgeo.depth_test(inverse_depth, camera))
     weights = start_weights()
     for frame in range(F):
         grids = camera[:, frame, conditioning.GRID_CHANNELS].unflatten(1, (conditioning.NUM_PLANES, 2))
@@ -294,7 +294,7 @@ def test_depth_head_is_trained_toward_the_reference_inverse_depth_it_is_given():
     assert model.depth_head.net[0].weight.grad.abs().sum() > 0
 
 
-def test_depth_agreement_is_zero_on_the_plane_holding_the_surface_the_reference_sees():
+def test_depth_test_is_zero_on_the_plane_holding_the_surface_the_reference_sees():
     """A wall facing frame 0 at inverse depth rho (in the poses' unit), a camera slid sideways by one unit: a ray of
     the moved camera meets the wall at inverse distance rho * cos, and the plane at that inverse distance reads the
     wall's own inverse depth in the reference. Centre pixel (cos = 1): the plane at rho agrees, the others do not."""
@@ -303,7 +303,7 @@ def test_depth_agreement_is_zero_on_the_plane_holding_the_surface_the_reference_
     size, rho = 33, conditioning.PLANE_INVERSE_DEPTHS[3]
     K = torch.tensor([size / 2, size / 2, size / 2, size / 2]).expand(1, 2, 4)
     camera = conditioning.camera_conditioning(geometry.invert_pose(c2w), K, torch.ones(1, 2), size, size)
-    costs = camgeo.depth_agreement(torch.full((1, size, size), rho), camera)  # (1, 2, D, H, W)
+    costs = camgeo.depth_test(torch.full((1, size, size), rho), camera).abs()  # (1, 2, D, H, W)
     centre = costs[0, 1, :, size // 2, size // 2]
     assert centre[3] < 1e-5 and (centre[torch.arange(conditioning.NUM_PLANES) != 3] > 0.05).all()
 
@@ -320,7 +320,8 @@ def test_reference_on_surface_marches_to_the_depth_between_two_planes():
     camera = conditioning.camera_conditioning(geometry.invert_pose(c2w), K, torch.ones(1, 2), size, size)
     reference = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     reference = torch.nn.functional.avg_pool2d(reference, 3, stride=1, padding=1, count_include_pad=False)
-    moved = camgeo.reference_on_surface(reference, camera, torch.full((1, size, size), rho))[0, 1]
+    wall = camgeo.depth_test(torch.full((1, size, size), rho), camera)
+    moved = camgeo.reference_on_surface(reference, camera, wall)[0, 1]
     K_matrix = torch.tensor([[size / 2, 0, size / 2], [0, size / 2, size / 2], [0, 0, 1]])[None]
     truth = geometry.reproject_reference(reference, torch.full((1, size, size), 1 / rho), K_matrix, c2w[:, 1])[0]
     inside = slice(2, size - 2), slice(2, size - 2 - round(size / 2 * rho) - 1)  # rows, columns seen by frame 0
@@ -341,6 +342,9 @@ def test_reference_on_surface_passes_the_gradient_to_the_depth():
     g = torch.Generator().manual_seed(0)
     reference = torch.rand(1, 3, size, size, generator=g, dtype=torch.float64)
     inverse_depth = (0.2 + 0.3 * torch.rand(1, size, size, generator=g, dtype=torch.float64)).requires_grad_()
-    assert torch.autograd.gradcheck(lambda d: camgeo.reference_on_surface(reference, camera, d), (inverse_depth,))
-    camgeo.reference_on_surface(reference, camera, inverse_depth).sum().backward()
+    def marched(depth):
+        return camgeo.reference_on_surface(reference, camera, camgeo.depth_test(depth, camera))
+
+    assert torch.autograd.gradcheck(marched, (inverse_depth,))
+    marched(inverse_depth).sum().backward()
     assert inverse_depth.grad.abs().sum() > 0
