@@ -1,0 +1,105 @@
+"""What the marched copy can reach from the inputs a student has: the reference marched through the true depth
+(camgeo.reference_on_surface), with that depth's scale as given and as a student must guess it, scored on the
+co-visible pixels of held-out clips with every pose given.
+
+    python tools/march_bounds.py --clips 32
+    python tools/march_bounds.py --clips 32 --student assets/student.safetensors
+
+A student's poses are normalised (translations divided by the clip's largest), so it reads inverse depth in a
+unit one image does not show: the largest translation in metres. The synthetic world draws that distance per path
+kind (a dolly moves 0.6-1.5 m, a pan a few centimetres), which the poses' shape tells; within a kind it is a coin
+the inputs never show. The rows: the true scale; the kind's median (one guess for all clips of a kind); a scale
+drawn from the kind's training clips (what a calibrated sampler commits to, mean of --draws draws); the mean of the
+videos marched at the kind's scale deciles (a hedge, as a one-step prediction hedges). With --student: the
+student's own depth head read from pure noise (t = 0.95) and marched, as given and with its scale set to the
+truth's median per clip.
+"""
+import argparse
+import os
+import sys
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules, one up
+
+import camgeo  # noqa: E402
+import conditioning  # noqa: E402
+import data  # noqa: E402
+import geometry  # noqa: E402
+from evaluation import camera_for, covisible_psnr, held_out_clips  # noqa: E402
+
+SCALE_SAMPLE_CLIPS = 1500  # training clips whose paths give each kind's distribution of the largest translation
+
+
+def largest_translation(world, num_frames):
+    c2w = torch.tensor(world.path.c2w(data.frame_times(num_frames)), dtype=torch.float32)
+    return (c2w[:, :3, 3] - c2w[:1, :3, 3]).norm(dim=-1).max().item()
+
+
+def march(reference, camera, inverse_depth):
+    return camgeo.reference_on_surface(reference, camera, camgeo.depth_test(inverse_depth, camera))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clips", type=int, default=32)
+    parser.add_argument("--draws", type=int, default=6)
+    parser.add_argument("--student", help="a checkpoint whose depth head is marched too")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    num_frames, size = 8, 32
+    clips = held_out_clips(args.clips, num_frames, size)
+    camera = torch.cat([camera_for(clip, "full", 1.0, size) for clip in clips])
+    reference = torch.stack([clip.video[0] for clip in clips]) * 2 - 1
+    w2c = torch.stack([geometry.invert_pose(clip.c2w) for clip in clips])
+    true_inverse = conditioning.reference_inverse_depth(torch.stack([clip.depth[0] for clip in clips]), w2c,
+                                                        torch.ones(args.clips, num_frames))
+    log_scales = defaultdict(list)
+    first = data.SPLIT_SEEDS["train"][0]
+    for seed in range(first, first + SCALE_SAMPLE_CLIPS):
+        world = data.sample_world(seed)
+        log_scales[world.path.kind].append(np.log(largest_translation(world, num_frames)))
+    worlds = [data.sample_world(clip.seed) for clip in clips]
+    kinds = [world.path.kind for world in worlds]
+    actual = np.array([largest_translation(world, num_frames) for world in worlds])
+
+    def rescaled(scales):  # inverse depth in the poses' unit scales with the unit: a guessed unit multiplies it
+        return true_inverse * torch.tensor(scales / actual, dtype=torch.float32)[:, None, None]
+
+    def score(video):  # (C, F, 3, H, W) in [-1, 1] -> (F - 1,) mean co-visible PSNR of frames 1..F-1
+        per_frame = covisible_psnr(clips, ((video + 1) / 2).clamp(0, 1))
+        return np.nanmean(per_frame[:, 1:].numpy(), axis=0)
+
+    rows = [("rotation-only warp", score(conditioning.reference_guess(reference, camera))),
+            ("marched through the true depth", score(march(reference, camera, true_inverse))),
+            ("  its scale: the path kind's median",
+             score(march(reference, camera, rescaled(np.exp([np.median(log_scales[k]) for k in kinds])))))]
+    generator = np.random.default_rng(0)
+    drawn = [score(march(reference, camera, rescaled(np.exp([generator.choice(log_scales[k]) for k in kinds]))))
+             for _ in range(args.draws)]
+    rows.append((f"  its scale: drawn from the kind (mean of {args.draws})", np.mean(drawn, axis=0)))
+    deciles = [march(reference, camera, rescaled(np.exp([np.quantile(log_scales[k], q) for k in kinds])))
+               for q in np.linspace(0.05, 0.95, 10)]
+    rows.append(("  mean of the videos at the kind's scale deciles", score(torch.stack(deciles).mean(0))))
+    if args.student:
+        model, _ = camgeo.load_checkpoint(args.student)
+        noise = torch.randn((args.clips, num_frames, 3, size, size), generator=torch.Generator().manual_seed(0))
+        x0 = torch.stack([clip.video for clip in clips]) * 2 - 1
+        t = 0.95
+        with torch.no_grad():
+            _, read = model((1 - t) * x0 + t * noise, torch.full((args.clips,), t), reference,
+                            [clip.prompt for clip in clips], camera, with_depth=True)
+        to_truth = (true_inverse / read.clamp_min(1e-4)).flatten(1).median(1).values
+        rows.append(("the student's depth (t = 0.95)", score(march(reference, camera, read))))
+        rows.append(("  its scale set to the truth's", score(march(reference, camera, read * to_truth[:, None, None]))))
+    frames = " | ".join(f"frame {f}" for f in range(1, num_frames))
+    print(f"| marched copy, {args.clips} held-out clips, every pose | co-visible PSNR | {frames} |")
+    print("|---" * (num_frames + 1) + "|")
+    for name, per_frame in rows:
+        print(f"| {name} | {np.mean(per_frame):.2f} | " + " | ".join(f"{x:.2f}" for x in per_frame) + " |")
+
+
+if __name__ == "__main__":
+    main()
