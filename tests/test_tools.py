@@ -73,3 +73,16 @@ def test_teacher_pull_is_measured_at_the_low_pass_asked_for(tmp_path):
              for sigma in (0, 3)}
     # a Gaussian low-pass removes energy from the gradient, so every frame's pull is smaller with it
     assert all(low < whole for low, whole in zip(pulls[3][("predicted", "L_traj")], pulls[0][("predicted", "L_traj")]))
+
+
+def test_march_bounds_scores_the_true_scale_above_the_warp_and_above_a_wrong_scale():
+    """tools/march_bounds.py: marching the reference through the true depth beats the rotation-only warp, and a
+    scale 20% off in either direction scores below the true one (the tool's claim that the unit decides)."""
+    rows = {}
+    for line in run_tool("march_bounds.py", "--clips", 3, "--draws", 1, "--scale-clips", 60).splitlines()[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        rows[cells[0]] = float(cells[1])
+    true_scale = rows["marched through the true depth"]
+    assert true_scale > rows["rotation-only warp"] + 3
+    assert true_scale > rows["its scale x 0.8"] and true_scale > rows["its scale x 1.25"]
+    assert len(rows) == 9  # warp, true depth and its four variants, the kind's median, drawn, deciles

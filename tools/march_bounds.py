@@ -5,14 +5,14 @@ co-visible pixels of held-out clips with every pose given.
     python tools/march_bounds.py --clips 32
     python tools/march_bounds.py --clips 32 --student assets/student.safetensors
 
-A student's poses are normalised (translations divided by the clip's largest), so it reads inverse depth in a
-unit one image does not show: the largest translation in metres. The synthetic world draws that distance per path
-kind (a dolly moves 0.6-1.5 m, a pan a few centimetres), which the poses' shape tells; within a kind it is a coin
-the inputs never show. The rows: the true scale; the kind's median (one guess for all clips of a kind); a scale
-drawn from the kind's training clips (what a calibrated sampler commits to, mean of --draws draws); the mean of the
-videos marched at the kind's scale deciles (a hedge, as a one-step prediction hedges). With --student: the
-student's own depth head read from pure noise (t = 0.95) and marched, as given and with its scale set to the
-truth's median per clip.
+A student's poses are normalised (translations divided by the clip's largest), so it reads inverse depth in a unit
+one image does not show: the largest translation in metres. The synthetic world draws that distance per path kind
+(a dolly moves 0.6-1.5 m, a pan a few centimetres), which the poses' shape tells; within a kind it is a coin the
+inputs never show. The rows: the true scale (then off by 20%, blurred, noisy); the kind's median (one guess for
+all clips of a kind); a scale drawn from the kind's training clips (what a calibrated sampler commits to, mean of
+--draws draws); the mean of the videos marched at the kind's scale deciles (a hedge, as a one-step prediction
+hedges). With --student: the student's own depth head read from pure noise (t = 0.95) and marched, as given and
+with its scale set to the truth's median per clip.
 """
 import argparse
 import os
@@ -21,6 +21,7 @@ from collections import defaultdict
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's modules, one up
 
@@ -30,7 +31,6 @@ import data  # noqa: E402
 import geometry  # noqa: E402
 from evaluation import camera_for, covisible_psnr, held_out_clips  # noqa: E402
 
-SCALE_SAMPLE_CLIPS = 1500  # training clips whose paths give each kind's distribution of the largest translation
 
 
 def largest_translation(world, num_frames):
@@ -46,6 +46,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clips", type=int, default=32)
     parser.add_argument("--draws", type=int, default=6)
+    parser.add_argument("--scale-clips", type=int, default=1500,
+                        help="training clips whose paths give each kind's distribution of the largest translation")
     parser.add_argument("--student", help="a checkpoint whose depth head is marched too")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -58,7 +60,7 @@ def main():
                                                         torch.ones(args.clips, num_frames))
     log_scales = defaultdict(list)
     first = data.SPLIT_SEEDS["train"][0]
-    for seed in range(first, first + SCALE_SAMPLE_CLIPS):
+    for seed in range(first, first + args.scale_clips):
         world = data.sample_world(seed)
         log_scales[world.path.kind].append(np.log(largest_translation(world, num_frames)))
     worlds = [data.sample_world(clip.seed) for clip in clips]
@@ -74,6 +76,12 @@ def main():
 
     rows = [("rotation-only warp", score(conditioning.reference_guess(reference, camera))),
             ("marched through the true depth", score(march(reference, camera, true_inverse))),
+            ("  its scale x 0.8", score(march(reference, camera, 0.8 * true_inverse))),
+            ("  its scale x 1.25", score(march(reference, camera, 1.25 * true_inverse))),
+            ("  blurred 3x3", score(march(reference, camera, F.avg_pool2d(true_inverse[:, None], 3, stride=1, padding=1,
+                                                                         count_include_pad=False)[:, 0]))),
+            ("  10% noise per pixel", score(march(reference, camera, true_inverse * torch.exp(
+                0.1 * torch.randn(true_inverse.shape, generator=torch.Generator().manual_seed(0)))))),
             ("  its scale: the path kind's median",
              score(march(reference, camera, rescaled(np.exp([np.median(log_scales[k]) for k in kinds])))))]
     generator = np.random.default_rng(0)
