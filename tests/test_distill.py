@@ -99,8 +99,8 @@ def test_aligned_cameras_are_the_alignment_of_the_video_through_the_teacher_dept
 
 
 def test_aligned_cameras_pass_the_gradient_to_the_video():
-    # seeded: the solver starts from the camera head's poses (teacher_geometry), and an untrained head's are
-    # translations near 1 at a depth near 1 on 16x16 frames; on about half the seeds that start leaves no pixel in
+    # seeded: the solver starts from the camera head's poses (teacher_geometry), and an untrained head's move
+    # 1 to 2 between frames at a depth near 1 on 16x16 frames; on about half the seeds that start leaves no pixel in
     # view, so the solver has nothing to move the pose with and returns the head's pose, which has no gradient
     # path from the video. This draw starts in view and checks the path exists.
     torch.manual_seed(0)
