@@ -32,10 +32,10 @@ import geometry  # noqa: E402
 from evaluation import camera_for, covisible_psnr, held_out_clips  # noqa: E402
 
 
-
 def largest_translation(world, num_frames):
+    """The poses' unit (conditioning.translation_scale, every pose given) of the clip a world renders."""
     c2w = torch.tensor(world.path.c2w(data.frame_times(num_frames)), dtype=torch.float32)
-    return (c2w[:, :3, 3] - c2w[:1, :3, 3]).norm(dim=-1).max().item()
+    return conditioning.translation_scale(geometry.invert_pose(c2w)[None], torch.ones(1, num_frames)).item()
 
 
 def march(reference, camera, inverse_depth):
@@ -50,22 +50,21 @@ def main():
                         help="training clips whose paths give each kind's distribution of the largest translation")
     parser.add_argument("--student", help="a checkpoint whose depth head is marched too")
     args = parser.parse_args()
-    torch.manual_seed(0)
     num_frames, size = 8, 32
     clips = held_out_clips(args.clips, num_frames, size)
     camera = torch.cat([camera_for(clip, "full", 1.0, size) for clip in clips])
     reference = torch.stack([clip.video[0] for clip in clips]) * 2 - 1
     w2c = torch.stack([geometry.invert_pose(clip.c2w) for clip in clips])
+    every_pose = torch.ones(args.clips, num_frames)
     true_inverse = conditioning.reference_inverse_depth(torch.stack([clip.depth[0] for clip in clips]), w2c,
-                                                        torch.ones(args.clips, num_frames))
+                                                        every_pose)
     log_scales = defaultdict(list)
     first = data.SPLIT_SEEDS["train"][0]
     for seed in range(first, first + args.scale_clips):
         world = data.sample_world(seed)
         log_scales[world.path.kind].append(np.log(largest_translation(world, num_frames)))
-    worlds = [data.sample_world(clip.seed) for clip in clips]
-    kinds = [world.path.kind for world in worlds]
-    actual = np.array([largest_translation(world, num_frames) for world in worlds])
+    kinds = [data.sample_world(clip.seed).path.kind for clip in clips]
+    actual = conditioning.translation_scale(w2c, every_pose).numpy()
 
     def rescaled(scales):  # inverse depth in the poses' unit scales with the unit: a guessed unit multiplies it
         return true_inverse * torch.tensor(scales / actual, dtype=torch.float32)[:, None, None]
