@@ -294,8 +294,9 @@ def reference_on_surface(reference, camera, depth_tests, camera_drop=None):
     true depth chooses among them; marching through the true depth comes within 1.5 dB of the reprojection through
     it (RESULTS.md). The marched point moves with the depth read, so the depth head also learns from the video loss.
     reference (B, 3, H, W); camera from camera_conditioning; depth_tests (B, F, NUM_PLANES, H, W) from depth_test
-    (the model computes it once for this and for CopyHead) -> (B, F, 3, H, W), the reference itself where the
-    camera is dropped."""
+    (the model computes it once for this and for CopyHead) -> (the moved reference (B, F, 3, H, W), the reference
+    itself where the camera is dropped; seen (B, F, H, W) bool: the ray met the surface at a point inside the
+    reference's view, so that by this depth the reference shows the pixel; False where the camera is dropped)."""
     B, num_frames, _, H, W = camera.shape
     grids = camera[:, :, GRID_CHANNELS].unflatten(2, (NUM_PLANES, 2))  # (B, F, NUM_PLANES, 2, H, W)
     # planes are ordered from infinity (0) inwards
@@ -313,14 +314,17 @@ def reference_on_surface(reference, camera, depth_tests, camera_drop=None):
     references = reference[:, None].expand(-1, num_frames, -1, -1, -1).reshape(-1, 3, H, W)
     moved = F.grid_sample(references, grid.flatten(0, 1).permute(0, 2, 3, 1), mode="bilinear",
                           padding_mode="border", align_corners=False).view(B, num_frames, 3, H, W)
+    seen = found & (grid.abs() <= 1).all(dim=2)
     if camera_drop is None:
-        return moved
-    return torch.where(camera_drop[:, None, None, None, None], reference[:, None], moved)
+        return moved, seen
+    dropped = camera_drop[:, None, None, None, None]
+    return torch.where(dropped, reference[:, None], moved), seen & ~dropped[:, :, 0]
 
 
 class CopyHead(nn.Module):
-    """The denoiser's output at full resolution: per pixel, a choice among what can be copied, and a colour of its
-    own for what cannot.
+    """The denoiser's output at full resolution where the reference does not show the pixel (by the depth the
+    model reads; elsewhere CamGeo.forward copies the marched reference): per pixel, a choice among what can be
+    copied, and a colour of its own for what cannot.
 
     Candidates (all (N, 3, H, W)): the reference on each plane of the sweep (reference_candidates), the reference
     through the depth the model reads in it (reference_on_surface) and a generated colour (the rotation-only warp
@@ -374,9 +378,10 @@ class CamGeo(nn.Module):
     (reference_candidates), concatenated channel-wise and patchified to tokens; camera tokens from the Plücker
     maps and the sweep's grids are added on top; fixed sin-cos position embeddings for the patch (2D) and the frame
     (1D). Diffusion time + prompt form the adaLN condition c. The tokens are unpatchified to per-pixel features;
-    DepthHead reads the reference's inverse depth from frame 0's, and CopyHead chooses per pixel among the planes
-    and the reference marched through that depth (helped by how well each matches x_t and agrees with that depth)
-    or paints a colour of its own.
+    DepthHead reads the reference's inverse depth from frame 0's. Where, by that depth, the reference shows the
+    pixel, x0_hat is the reference marched through it; elsewhere CopyHead chooses per pixel among the planes and
+    that marched reference (helped by how well each matches x_t and agrees with the depth) or paints a colour of
+    its own.
 
     Why copy: most of each frame of a static scene under a moving camera is the reference seen from elsewhere,
     and turning a ray map into "move this content by so many pixels" is a warp a 2 M-parameter network trained
@@ -384,6 +389,11 @@ class CamGeo(nn.Module):
     hands it that warp at every depth it may need; which depth, per pixel, is what it learns, and its capacity
     goes to what the reference cannot show. The Plücker maps stay the paper's camera input, and the distillation
     reads x0_hat as before.
+
+    Why copy without a choice where the reference shows the pixel: a learned choice reads x_t, and during sampling
+    x_t holds the sampler's own guesses, which the choice then keeps: with the choice at every pixel, the marched
+    reference alone scores 26.7-27.0 dB on co-visible pixels at every step of the sampler while the mixture falls
+    from 26.8 to 25.8 (RESULTS.md). The depth still learns from the video loss through the march.
     """
 
     def __init__(self, config):
@@ -461,10 +471,11 @@ class CamGeo(nn.Module):
         features = patches.view(B * num_frames, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(-1, C, H, W)
         inverse_depth = self.depth_head(features.view(B, num_frames, C, H, W)[:, 0], reference)  # (B, H, W)
         depth_tests = depth_test(inverse_depth, camera, camera_drop)  # (B, F, NUM_PLANES, H, W)
-        surface = reference_on_surface(reference, camera, depth_tests, camera_drop)  # (B, F, 3, H, W)
+        surface, seen = reference_on_surface(reference, camera, depth_tests, camera_drop)  # (B, F, 3, H, W)
         copies = torch.cat([planes, surface[:, :, None]], dim=2)  # (B, F, NUM_PLANES + 1, 3, H, W)
         x0_hat = self.copy_head(features, x_t.flatten(0, 1), copies.flatten(0, 1), depth_tests.abs().flatten(0, 1),
                                 t.repeat_interleave(num_frames)).view(B, num_frames, 3, H, W)
+        x0_hat = torch.where(seen[:, :, None], surface, x0_hat)  # copy what the reference shows, as it shows it
         return (x0_hat, inverse_depth) if with_depth else x0_hat
 
     def num_params(self):

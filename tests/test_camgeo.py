@@ -76,18 +76,20 @@ def start_weights():
 
 
 def test_new_model_predicts_its_starting_mixture_of_the_copies():
-    """The copy head's last convolution starts at zero, so a new model returns the same mixture at every pixel:
-    mostly the reference on the plane at infinity (the rotation-only warp), a little of every other plane and of
-    the reference marched through the depth the model reads. Planes are the reference moved along each frame's
-    rays (the interpolated pose's where none is given), and the reference itself when the camera is dropped
-    (guidance's unconditional branch)."""
+    """Where the depth a new model reads says the reference shows the pixel, it copies the reference marched
+    through that depth; elsewhere, the copy head's last convolution starting at zero, it returns the same mixture
+    at every pixel: mostly the reference on the plane at infinity (the rotation-only warp), a little of every other
+    plane and of the marched reference. Planes are the reference moved along each frame's rays (the interpolated
+    pose's where none is given), and the reference itself when the camera is dropped (guidance's unconditional
+    branch)."""
     model = camgeo.CamGeo(CONFIG).eval()
     mask = torch.ones(2, F)
     mask[:, 1] = 0
     video, prompts, camera = inputs(mask=mask)
     x_t = torch.randn_like(video)
     x0_hat, inverse_depth = model(x_t, torch.rand(2), video[:, 0], prompts, camera, with_depth=True)
-    surface = camgeo.reference_on_surface(video[:, 0], camera, camgeo.depth_test(inverse_depth, camera))
+    surface, seen = camgeo.reference_on_surface(video[:, 0], camera, camgeo.depth_test(inverse_depth, camera))
+    assert seen.any() and not seen.all()  # not vacuous: both branches are checked below
     weights = start_weights()
     for frame in range(F):
         grids = camera[:, frame, conditioning.GRID_CHANNELS].unflatten(1, (conditioning.NUM_PLANES, 2))
@@ -95,7 +97,8 @@ def test_new_model_predicts_its_starting_mixture_of_the_copies():
                                                   padding_mode="border", align_corners=False)
                   for k in range(conditioning.NUM_PLANES)]
         generated = planes[0]  # the warp plus a change that starts at zero
-        expected = sum(w * c for w, c in zip(weights, [*planes, surface[:, frame], generated]))
+        mixture = sum(w * c for w, c in zip(weights, [*planes, surface[:, frame], generated]))
+        expected = torch.where(seen[:, frame, None], surface[:, frame], mixture)
         torch.testing.assert_close(x0_hat[:, frame], expected)
     warp = conditioning.reference_guess(video[:, 0], camera)
     assert not torch.allclose(warp[:, 2], video[:, 0], atol=1e-3)  # not vacuous: the random pose moves it
@@ -125,18 +128,19 @@ def test_samples_do_not_change_when_every_translation_is_scaled():
 
 
 def test_keyframe_mask_changes_model_output():
+    """The same poses, given at every frame or at frame 0 only, give different videos. (Moving poses: under a
+    still camera the reference shows every pixel, and the model copies it whatever the mask says.)"""
     model = camgeo.CamGeo(CONFIG).eval()
     randomise_zero_layers(model)
-    eye = torch.eye(4).expand(1, F, 4, 4)
+    w2c = random_w2c(1, F, seed=3)
     mask = torch.ones(1, F)
     mask[0, 1:] = 0
     video = torch.rand(1, F, 3, S, S)
     t = torch.tensor([0.5])
-    out_identity = model(video, t, video[:, 0], ["room"], conditioning.camera_conditioning(eye, intrinsics(1, F),
-                                                                                   torch.ones(1, F), S, S))
-    out_missing = model(video, t, video[:, 0], ["room"], conditioning.camera_conditioning(eye, intrinsics(1, F), mask,
-                                                                                  S, S))
-    assert not torch.allclose(out_identity, out_missing, atol=1e-4)
+    out_given, out_missing = (model(video, t, video[:, 0], ["room"],
+                                    conditioning.camera_conditioning(w2c, intrinsics(1, F), keyframes, S, S))
+                              for keyframes in (torch.ones(1, F), mask))
+    assert not torch.allclose(out_given, out_missing, atol=1e-4)
 
 
 def test_dropped_camera_hides_the_resampled_reference_too():
@@ -321,11 +325,13 @@ def test_reference_on_surface_marches_to_the_depth_between_two_planes():
     reference = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     reference = torch.nn.functional.avg_pool2d(reference, 3, stride=1, padding=1, count_include_pad=False)
     wall = camgeo.depth_test(torch.full((1, size, size), rho), camera)
-    moved = camgeo.reference_on_surface(reference, camera, wall)[0, 1]
+    moved, seen = camgeo.reference_on_surface(reference, camera, wall)
+    moved, seen = moved[0, 1], seen[0, 1]
     K_matrix = torch.tensor([[size / 2, 0, size / 2], [0, size / 2, size / 2], [0, 0, 1]])[None]
     truth = geometry.reproject_reference(reference, torch.full((1, size, size), 1 / rho), K_matrix, c2w[:, 1])[0]
     inside = slice(2, size - 2), slice(2, size - 2 - round(size / 2 * rho) - 1)  # rows, columns seen by frame 0
     torch.testing.assert_close(moved[:, inside[0], inside[1]], truth[:, inside[0], inside[1]], atol=1e-4, rtol=0)
+    assert seen[inside].all() and not seen[:, -1].any()  # the last column's rays leave the reference's view
     nearest = conditioning.reference_candidates(reference, camera)[0, 1, 3]  # the plane at 0.25
     assert (nearest[:, inside[0], inside[1]] - truth[:, inside[0], inside[1]]).abs().max() > 0.02
 
@@ -343,7 +349,7 @@ def test_reference_on_surface_passes_the_gradient_to_the_depth():
     reference = torch.rand(1, 3, size, size, generator=g, dtype=torch.float64)
     inverse_depth = (0.2 + 0.3 * torch.rand(1, size, size, generator=g, dtype=torch.float64)).requires_grad_()
     def marched(depth):
-        return camgeo.reference_on_surface(reference, camera, camgeo.depth_test(depth, camera))
+        return camgeo.reference_on_surface(reference, camera, camgeo.depth_test(depth, camera))[0]
 
     assert torch.autograd.gradcheck(marched, (inverse_depth,))
     marched(inverse_depth).sum().backward()

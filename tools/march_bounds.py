@@ -39,7 +39,7 @@ def largest_translation(world, num_frames):
 
 
 def march(reference, camera, inverse_depth):
-    return camgeo.reference_on_surface(reference, camera, camgeo.depth_test(inverse_depth, camera))
+    return camgeo.reference_on_surface(reference, camera, camgeo.depth_test(inverse_depth, camera))[0]
 
 
 def main():
