@@ -170,6 +170,8 @@ def test_distillation_gradient_reaches_the_student_through_the_frozen_teacher(te
                                     torch.Generator().manual_seed(0), SMOKE, torch.device("cpu"))
     (terms["loss_traj"] + terms["loss_geo"]).backward()
     assert terms["loss_traj"] > 0 and model.final_layer.linear.weight.grad.abs().sum() > 0
+    # both output paths: the copy head (pixels the reference does not show) and the depth the copy is marched by
+    assert model.copy_head.net[0].weight.grad.abs().sum() > 0 and model.depth_head.net[0].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher_model.parameters())
 
 
