@@ -108,8 +108,8 @@ def check_camera_following(ckpt, num_clips, sample_steps=SAMPLE_STEPS, cfg_scale
     wrong), next to repeating the reference frame and to the warp the model is given (conditioning.reference_guess
     with its own cameras: interpolated between keyframes); then the co-visible table (covisible_table).
     frames_png: also draw the first four clips; estimate: also estimate the camera path of the samples with their
-    own cameras (estimator.py, as the study does) and of repeating the reference; against: another checkpoint's
-    samples, paired (check_against), for the groups of frames above and for each frame."""
+    own cameras (estimator.py, as the study does), of repeating the reference and of the ceiling; against: another
+    checkpoint's samples, paired (check_against), for the groups of frames above and for each frame."""
     model, info = camgeo.load_checkpoint(ckpt, weights="ema", device=device)
     config, method = info["config"], info["method"]
     clips = held_out_clips(num_clips, config.num_frames, config.image_size)
@@ -146,9 +146,12 @@ def check_camera_following(ckpt, num_clips, sample_steps=SAMPLE_STEPS, cfg_scale
                   "samples, own cameras": videos["samples, own cameras"]}
     lines += ["", *covisible_table(clips, references, keyframes)]
     if estimate:
+        # the ceiling's row says what the estimator reads from a video exact on the co-visible pixels alone
         lines += ["", "| video | RotErr | TransErr | CamMC |", "|---|---|---|---|"]
-        for name in ("repeat the reference frame", "samples, own cameras"):
-            _, metrics = score(clips, videos[name], STUDY_PRESETS["cpu"].estimator_config, workers)
+        ceiling = "reference reprojected through the true depth (ceiling)"
+        for name, video in ((ceiling, references[ceiling]),
+                            *((name, videos[name]) for name in ("repeat the reference frame", "samples, own cameras"))):
+            _, metrics = score(clips, video, STUDY_PRESETS["cpu"].estimator_config, workers)
             lines.append(f"| {name} | " + " | ".join(summarise(metrics[:, i].tolist()) for i in range(3)) + " |")
     if against:
         each_frame = {f"frame {f}": [f] for f in range(1, config.num_frames)}  # where in the clip a gap lies

@@ -88,6 +88,7 @@ def test_check_with_estimate_scores_the_camera_path_of_the_samples(ckpt, tmp_pat
     rows = table_rows(capsys.readouterr().out.splitlines(), "video | RotErr")
     still = float(rows["repeat the reference frame"][0].split(" ")[0])
     assert still > 0 and "samples, own cameras" in rows  # a still camera misses the requested motion
+    assert "reference reprojected through the true depth (ceiling)" in rows
 
 
 def test_a_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):
