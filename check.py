@@ -149,8 +149,9 @@ def check_camera_following(ckpt, num_clips, sample_steps=SAMPLE_STEPS, cfg_scale
         # the ceiling's row says what the estimator reads from a video exact on the co-visible pixels alone
         lines += ["", "| video | RotErr | TransErr | CamMC |", "|---|---|---|---|"]
         ceiling = "reference reprojected through the true depth (ceiling)"
-        for name, video in ((ceiling, references[ceiling]),
-                            *((name, videos[name]) for name in ("repeat the reference frame", "samples, own cameras"))):
+        estimated = {ceiling: references[ceiling], "repeat the reference frame": videos["repeat the reference frame"],
+                     "samples, own cameras": videos["samples, own cameras"]}
+        for name, video in estimated.items():
             _, metrics = score(clips, video, STUDY_PRESETS["cpu"].estimator_config, workers)
             lines.append(f"| {name} | " + " | ".join(summarise(metrics[:, i].tolist()) for i in range(3)) + " |")
     if against:
