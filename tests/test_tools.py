@@ -88,16 +88,16 @@ def test_march_bounds_scores_the_true_scale_above_the_warp_and_above_a_wrong_sca
     assert len(rows) == 9  # warp, true depth and its four variants, the kind's median, drawn, deciles
 
 
-def test_march_bounds_estimate_reads_each_copy_s_camera():
+def test_march_bounds_estimate_adds_each_copy_s_camera_and_leaves_the_copies_alone():
     """tools/march_bounds.py --estimate: every row also carries the camera path the study's estimator reads from its
-    video, and the copy through the true depth reads translation better than the warp, which moves the reference
-    by the rotation alone."""
-    lines = run_tool("march_bounds.py", "--clips", 2, "--draws", 1, "--scale-clips", 60, "--estimate").splitlines()
-    assert lines[0].rstrip().endswith("| RotErr | TransErr |")
-    rows = {}
-    for line in lines[2:]:
-        cells = [cell.strip() for cell in line.strip("|").split("|")]
+    video (CI's quick estimator settings; on one or two clips the errors themselves say little), and the co-visible
+    columns are the same numbers as without it."""
+    argv = ("march_bounds.py", "--clips", 1, "--draws", 1, "--scale-clips", 60)
+    estimated, plain = run_tool(*argv, "--estimate", "--preset", "smoke").splitlines(), run_tool(*argv).splitlines()
+    assert estimated[0].rstrip().endswith("| RotErr | TransErr |") and "RotErr" not in plain[0]
+    assert len(estimated) == len(plain) == 2 + 9
+    for with_camera, without in zip(estimated[2:], plain[2:]):
+        cells = [cell.strip() for cell in with_camera.strip("|").split("|")]
         assert len(cells) == 1 + 1 + 7 + 2  # name, co-visible, frames 1..7, RotErr, TransErr
-        rows[cells[0]] = [float(cell) for cell in cells[1:]]
-    assert len(rows) == 9 and all(0 <= error < 100 for row in rows.values() for error in row[-2:])
-    assert rows["marched through the true depth"][-1] < rows["rotation-only warp"][-1]
+        assert with_camera.startswith(without.rstrip().rstrip("|"))
+        assert all(0 <= float(error) < 100 for error in cells[-2:])

@@ -56,6 +56,8 @@ def main():
     parser.add_argument("--estimate", action="store_true",
                         help="also estimate each video's camera path (RotErr, TransErr; about a minute a row)")
     parser.add_argument("--workers", type=int, default=1, help="--estimate: processes estimating in parallel")
+    parser.add_argument("--preset", choices=list(STUDY_PRESETS), default="cpu",
+                        help="--estimate: whose estimator settings (evaluate.py's presets; smoke is for CI)")
     args = parser.parse_args()
     num_frames, size = 8, 32
     clips = held_out_clips(args.clips, num_frames, size)
@@ -82,7 +84,7 @@ def main():
         per_frame = np.mean([np.nanmean(covisible_psnr(clips, video)[:, 1:].numpy(), axis=0) for video in videos], 0)
         if not args.estimate:
             return per_frame, ()
-        cameras = [score(clips, video, STUDY_PRESETS["cpu"].estimator_config, args.workers)[1][:, :2].mean(0)
+        cameras = [score(clips, video, STUDY_PRESETS[args.preset].estimator_config, args.workers)[1][:, :2].mean(0)
                    for video in videos]
         return per_frame, torch.stack(cameras).mean(0).tolist()
 
